@@ -1,0 +1,71 @@
+"""`RuleOptimizer`: the thin `torch.optim.Optimizer` shell around per-tensor rules.
+
+A subclass declares its ``DEFAULTS`` and picks a rule for each tensor (`rule_for`); the shell handles param
+groups, validation, closures and state dicts, and runs the rules through its distributor, so the same class
+steps a single process (`LocalDistributor`) or a sharded engine's segments.
+"""
+from __future__ import annotations
+
+from itertools import chain
+from typing import Any, Callable, ClassVar, Iterator
+
+import torch
+
+from mgup_dist.optim.distributor import Distributor, LocalDistributor
+from mgup_dist.optim.validation import check_unknown, validate_group
+from mgup_dist.rules.driver import Rule, run_rules
+from mgup_dist.rules.slot import Slot
+
+
+class RuleOptimizer(torch.optim.Optimizer):
+    """Base of every mgup_dist optimizer. Subclasses set ``DEFAULTS`` and implement `rule_for`."""
+
+    DEFAULTS: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, params: Any, **hparams: Any) -> None:
+        check_unknown(hparams, self.DEFAULTS, type(self).__name__)
+        defaults = {**self.DEFAULTS, **hparams}
+        validate_group(defaults)
+        self._constructor_hparams = dict(defaults)
+        self.distributor: Distributor = LocalDistributor()
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        validate_group(group)
+        self.prepare_group(group)
+
+    def prepare_group(self, group: dict[str, Any]) -> None:
+        """Hook for subclass-specific checks or derived keys on a newly added group."""
+
+    def rule_for(self, group: dict[str, Any], slot: Slot) -> Rule:
+        """The rule generator stepping ``slot`` with ``group``'s hyperparameters."""
+        raise NotImplementedError
+
+    def segments(self) -> Iterator[tuple[dict[str, Any], Slot]]:
+        """``(group, slot)`` for every tensor with a gradient, from the distributor."""
+        return self.distributor.slots(self)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One optimizer step over every parameter with a gradient; returns the closure's value, if any."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        rules = [self.rule_for(group, slot) for group, slot in self.segments()]
+        run_rules(rules, self.distributor.ops)
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As `torch.optim.Optimizer.load_state_dict`, but state tensors keep the dtype they were saved in
+        (e.g. MARS's float32 ``last_grad`` beside bf16 parameters)."""
+        super().load_state_dict(state_dict)
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for saved_id, param in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                current = self.state[param].get(key)
+                if torch.is_tensor(value) and torch.is_tensor(current) and current.dtype != value.dtype:
+                    self.state[param][key] = current.to(value.dtype)

@@ -1,0 +1,89 @@
+"""Adam-family per-tensor rules: AdamW flavour A (HF-style ε) and the masked variants built on it.
+
+Spec §1.1, §2.3, §2.4, §3.2. Every rule here is a generator over one `Slot` (see `mgup_dist.rules.driver`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+
+from mgup_dist.rules.driver import Rule
+from mgup_dist.rules.masks import alignment, dynamic_factors, mgup_factors, sign_factors
+from mgup_dist.rules.slot import Slot
+
+
+def decay(param: torch.Tensor, lr: float, weight_decay: float) -> None:
+    """Decoupled weight decay ``θ ← θ·(1 − η·λ)`` with the unscaled lr; skipped when λ = 0."""
+    if weight_decay != 0:
+        param.mul_(1 - lr * weight_decay)
+
+
+def update_moments(
+    exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor, beta1: float, beta2: float
+) -> None:
+    """``m ← β1·m + (1−β1)·g ;  v ← β2·v + (1−β2)·g²`` in place."""
+    exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+
+
+def flavour_a_step_size(lr: float, beta1: float, beta2: float, step: int, correct_bias: bool) -> float:
+    """``η·sqrt(1−β2^t)/(1−β1^t)`` if ``correct_bias`` else ``η``, as a float64 scalar."""
+    if not correct_bias:
+        return lr
+    return lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+
+
+def adam_direction(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, eps: float) -> torch.Tensor:
+    """``u = m/(sqrt(v) + ε)``, a fresh tensor (not bias-corrected)."""
+    return exp_avg / exp_avg_sq.sqrt().add_(eps)
+
+
+def _adam_moments_and_direction(
+    slot: Slot, hp: Mapping[str, Any], betas: tuple[float, float], eps: float
+) -> tuple[int, torch.Tensor, float]:
+    """Shared prologue: step count, decay, moments, direction u, and the flavour-A step size."""
+    step = slot.next_step()
+    beta1, beta2 = betas
+    exp_avg, exp_avg_sq = slot.buffer("exp_avg"), slot.buffer("exp_avg_sq")
+    decay(slot.param, hp["lr"], hp["weight_decay"])
+    update_moments(exp_avg, exp_avg_sq, slot.grad, beta1, beta2)
+    direction = adam_direction(exp_avg, exp_avg_sq, eps)
+    step_size = flavour_a_step_size(hp["lr"], beta1, beta2, step, hp.get("correct_bias", True))
+    return step, direction, step_size
+
+
+def adamw(slot: Slot, hp: Mapping[str, Any], betas_key: str = "betas", eps_key: str = "eps") -> Rule:
+    """Flavour-A AdamW: decay, moments, ``θ ← θ − step_size·u``. Also the AdamW path of the Muon family."""
+    _, direction, step_size = _adam_moments_and_direction(slot, hp, hp[betas_key], hp[eps_key])
+    slot.param.add_(direction, alpha=-step_size)
+    return
+    yield  # a rule with no requests
+
+
+def mgup_adamw(slot: Slot, hp: Mapping[str, Any]) -> Rule:
+    """MGUP-AdamW (§2.3): the top ``mask_ratio`` of ``u ⊙ g`` scaled by α, the rest by γ."""
+    _, direction, step_size = _adam_moments_and_direction(slot, hp, hp["betas"], hp["eps"])
+    factors = yield from mgup_factors(direction, slot.grad, slot.segment, hp)
+    slot.param.add_(direction.mul_(factors), alpha=-step_size)
+
+
+def cmgup_adamw(slot: Slot, hp: Mapping[str, Any]) -> Rule:
+    """CMGUP-AdamW (§2.4): α where ``u ⊙ g ≥ 0``, γ elsewhere."""
+    _, direction, step_size = _adam_moments_and_direction(slot, hp, hp["betas"], hp["eps"])
+    factors = sign_factors(alignment(direction, slot.grad), hp["alpha"], hp["gamma"], direction.dtype)
+    slot.param.add_(direction.mul_(factors), alpha=-step_size)
+    return
+    yield  # elementwise: no requests
+
+
+def alpha_adam(slot: Slot, hp: Mapping[str, Any]) -> Rule:
+    """AlphaAdam, the project definition (§3.2): alignment mask with dynamic factors 1/ā and ā."""
+    from_momentum = hp["score_source"] == "momentum"
+    aligned = alignment(slot.buffer("exp_avg"), slot.grad) if from_momentum else None
+    _, direction, step_size = _adam_moments_and_direction(slot, hp, hp["betas"], hp["eps"])
+    if aligned is None:
+        aligned = alignment(direction, slot.grad)
+    factors = yield from dynamic_factors(aligned, slot, hp, direction.dtype)
+    slot.param.add_(direction.mul_(factors), alpha=-step_size)

@@ -1,0 +1,68 @@
+"""Requests an update rule yields when it needs whole-tensor information.
+
+A rule is a generator over one tensor's local segment. At each point where the math needs the whole logical
+tensor it ``yield``s one of these requests and receives the answer. The driver (`mgup_dist.rules.driver`)
+collects the requests of all tensors in a round and hands them, batched by kind, to a `TensorOps`
+implementation: local for a single process, collective for a sharded layout.
+
+Contract for rule authors: whether and what a rule yields may depend only on hyperparameters, the segment's
+logical shape and earlier answers, never on local data, so every rank issues the same rounds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mgup_dist.shard.segment import Segment
+
+
+@dataclass
+class TensorSum:
+    """Sum of ``value`` over all segments of the tensor.
+
+    ``value``: 0-d local partial sum, ``torch.float64`` or ``torch.int64``.
+    Answer: 0-d tensor of the same dtype holding the global sum (identical on every rank).
+    """
+
+    segment: Segment
+    value: torch.Tensor
+
+
+@dataclass
+class TopKMask:
+    """Membership of each local element in the tensor's top-k scores.
+
+    ``scores``: 1-D ``torch.float32`` local segment (``segment.length`` elements); ``-0.0`` ties with ``+0.0``.
+    ``k``: ``0 <= k <= segment.numel``.
+    Answer: 1-D ``torch.bool`` of the same length, True for the ``k`` largest scores of the whole logical
+    tensor, ordering by score descending then global flat index ascending. Non-finite scores raise
+    `NonFiniteScoresError`.
+    """
+
+    segment: Segment
+    scores: torch.Tensor
+    k: int
+
+
+@dataclass
+class Orthogonalize:
+    """Newton–Schulz (NS5) of the tensor's ``(rows, cols)`` matrix view.
+
+    ``local``: 1-D local segment of the row-major flattening of that matrix (any float dtype).
+    Answer: 1-D local segment of ``newton_schulz(matrix, steps, dtype)``, in ``dtype``.
+    """
+
+    segment: Segment
+    local: torch.Tensor
+    rows: int
+    cols: int
+    steps: int
+    dtype: torch.dtype
+
+
+Request = TensorSum | TopKMask | Orthogonalize
+
+
+class NonFiniteScoresError(FloatingPointError):
+    """A top-k mask was requested over scores containing NaN or infinity (from non-finite gradients)."""
