@@ -1,28 +1,295 @@
-"""Exact local top-k selection with the spec's tie rule (score descending, then flat index ascending)."""
+"""Exact local top-k selection with the spec's tie rule (score descending, then flat index ascending).
+
+MGUP's mask is a selection, not a sort: its cost is a few elementwise passes over the scores, with no index
+tensor over them. Write ``G(x) = #{i : s_i > x}``. The k-th largest score ``T`` is the score with
+``G(T) < k <= G(T) + #{i : s_i == T}``, and the mask is ``s > T`` plus the first ``r = k - G(T)`` scores equal
+to ``T`` in flat order.
+
+1. One reduction gives min and max and rejects NaN/infinity: ``T`` lies in ``(below(min), max]``.
+2. A deterministic strided sample estimates where ``T`` sits. One pass counts ``G`` at two thresholds around
+   that estimate (a sample value a few standard deviations of the sample quantile under it, and the float just
+   below one as far over it) and collects the scores between them, the *band*: ``O(n / sqrt(sample))`` scores.
+   When the sample's values there are all one value ``v`` (a block of ties, e.g. zero scores), the thresholds
+   are ``below(v)`` and ``v``, so the band is exactly the ties and is never collected.
+3. If ``T`` is in the band it is a partial sort of the band away. Otherwise the interval known to hold ``T``
+   shrinks to the side the counts point to and the next pass tries a wider bracket inside it; once the sample
+   has nothing to offer there (or after a few passes) the whole interval is the band. Each step is exact, so
+   the result never depends on the sample, only the cost does.
+4. When ``r`` takes every tie the mask is ``s >= T``; otherwise ``s >= T`` before the cut just after the r-th
+   tie and ``s > T`` from it on (`locate_ties` finds the cut counting ties block by block).
+
+On CPU the passes run on zero-copy numpy views of the tensors, block by block so temporaries stay in cache:
+torch 2.13's CPU comparisons into bool, boolean indexing and ``where`` are several times slower than numpy's.
+Other devices run the same code on the tensors themselves.
+"""
 from __future__ import annotations
 
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Union
+
+import numpy as np
 import torch
 
 from mgup_dist.rules.requests import NonFiniteScoresError
 
+Values = Union[np.ndarray, torch.Tensor]  # a 1-D float32 host (numpy) view of CPU scores, or the device tensor
 
-def check_finite(scores: torch.Tensor) -> None:
-    """Raises `NonFiniteScoresError` if ``scores`` holds NaN or infinity."""
-    if not bool(torch.isfinite(scores).all()):
+BLOCKS = {"numpy": 1 << 16, "torch": 1 << 22}  # elements per block of a pass, per array kind
+SAMPLE_FROM = 1 << 14  # smaller tensors skip the sample: their single pass collects every score
+PARALLEL_FROM = 1 << 20  # numpy passes over this many scores or more use torch.get_num_threads() threads
+_MAX_SAMPLE = 1 << 17
+_MARGIN_SD = 3.5  # bracket half-width in standard deviations of the sample quantile
+_WIDEN = 4  # bracket growth after a pass that missed
+_MAX_PASSES = 4  # after this many sampled passes the whole remaining interval is collected
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """The k-th largest score ``value`` (``+0.0`` for a zero), with ``above`` scores greater than it and
+    ``ties`` scores equal to it (so ``above < k <= above + ties``)."""
+
+    value: float
+    above: int
+    ties: int
+
+
+@dataclass(frozen=True)
+class _Interval:
+    """``T`` lies in ``(low, high]``; ``G(low) = above_low >= k > G(high) = above_high``."""
+
+    low: float
+    high: float
+    above_low: int
+    above_high: int
+
+
+def float_below(x: float) -> float:
+    """The largest float32 smaller than float32 ``x`` (``float_below(0.0) == float_below(-0.0)``, a negative
+    subnormal; ``-inf`` for the lowest float), so ``s > float_below(x)`` is ``s >= x`` for float32 ``s``."""
+    with np.errstate(over="ignore"):
+        return float(np.nextafter(np.float32(x), np.float32(-np.inf)))
+
+
+def finite_range(scores: torch.Tensor) -> tuple[float, float]:
+    """``(min, max)`` of non-empty ``scores`` in one reduction; `NonFiniteScoresError` on NaN or infinity."""
+    low, high = (float(v) for v in torch.aminmax(scores))
+    if not (math.isfinite(low) and math.isfinite(high)):
         raise NonFiniteScoresError("MGUP mask scores contain NaN or infinity (non-finite gradient?)")
+    return low, high
+
+
+def _host_view(scores: torch.Tensor) -> Values:
+    """What the passes run on: a numpy view of a CPU tensor (shared memory), else the tensor."""
+    return scores.numpy() if scores.device.type == "cpu" else scores
+
+
+def _blocks(values: Values) -> Iterator[Values]:
+    size = BLOCKS["numpy" if isinstance(values, np.ndarray) else "torch"]
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
+def _ranges(values: Values) -> list[tuple[int, int]]:
+    """Contiguous ``[start, stop)`` parts of ``values``, one per thread of a pass: ``torch.get_num_threads()``
+    parts for numpy views of at least `PARALLEL_FROM` scores (numpy releases the GIL in these loops), else one."""
+    n = len(values)
+    parts = torch.get_num_threads() if isinstance(values, np.ndarray) and n >= PARALLEL_FROM else 1
+    bounds = [n * i // parts for i in range(parts + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+_EXECUTORS: dict[tuple[int, int], ThreadPoolExecutor] = {}
+
+
+def _map(function: Callable[[tuple[int, int]], Any], ranges: list[tuple[int, int]]) -> list[Any]:
+    """``[function(r) for r in ranges]``, the first in this thread and the others on a pool kept per process."""
+    if len(ranges) == 1:
+        return [function(ranges[0])]
+    key = (os.getpid(), len(ranges) - 1)  # a forked child gets a pool of its own
+    if key not in _EXECUTORS:
+        _EXECUTORS[key] = ThreadPoolExecutor(key[1], thread_name_prefix="mgup-select")
+    others = [_EXECUTORS[key].submit(function, r) for r in ranges[1:]]
+    return [function(ranges[0])] + [future.result() for future in others]
+
+
+def _count(mask: Values) -> int:
+    return int(np.count_nonzero(mask)) if isinstance(mask, np.ndarray) else int(torch.count_nonzero(mask))
+
+
+def _concat(parts: list[Values], like: Values) -> Values:
+    if isinstance(like, np.ndarray):
+        return np.concatenate(parts) if parts else like[:0]
+    return torch.cat(parts) if parts else like[:0]
+
+
+def _order_statistics(values: Values, ranks: list[int]) -> list[float]:
+    """The ``ranks``-th smallest (0-based) of ``values``, by partial sort."""
+    if not ranks:
+        return []
+    if isinstance(values, np.ndarray):
+        return [float(v) for v in np.partition(values, ranks)[ranks]]
+    return [float(torch.kthvalue(values, rank + 1).values) for rank in ranks]
+
+
+def _first_true(mask: Values, count: int) -> int:
+    """Index of the ``count``-th (1-based) True of ``mask``."""
+    if isinstance(mask, np.ndarray):
+        return int(np.flatnonzero(mask)[count - 1])
+    return int(torch.nonzero(mask)[count - 1, 0])
+
+
+def locate_ties(scores: Values, value: float, r: int) -> int:
+    """The cut ``p``: ``scores[:p]`` holds exactly ``r`` entries equal to ``value`` and ends with one (0 when
+    ``r == 0``). Counts ties block by block and stops at the block holding the r-th, so it reads at most up to
+    ``p`` and never builds an index tensor beyond one block. `ValueError` if fewer than ``r`` entries match.
+    ``scores``: 1-D float32 tensor, or a numpy view of one."""
+    if isinstance(scores, torch.Tensor):
+        scores = _host_view(scores)
+    start, remaining = 0, r
+    if remaining <= 0:
+        return 0
+    for block in _blocks(scores):
+        equal = block == value
+        count = _count(equal)
+        if count >= remaining:
+            return start + _first_true(equal, remaining) + 1
+        start, remaining = start + len(block), remaining - count
+    raise ValueError(f"fewer than {r} scores equal {value}")
+
+
+def _count_pass(values: Values, lower: float, upper: float) -> tuple[int, int, Values]:
+    """``G(lower)``, ``G(upper)`` and the scores in ``(lower, upper]`` (``lower <= upper``), in one pass. When
+    that band can hold only one value (``lower == float_below(upper)``, a block of ties) it is counted, not
+    collected, and the returned band is empty."""
+    collect = lower != float_below(upper)
+
+    def count_part(bounds: tuple[int, int]) -> tuple[int, int, list[Values]]:
+        above_lower = above_upper = 0
+        band = []
+        for block in _blocks(values[bounds[0] : bounds[1]]):
+            over_lower, over_upper = block > lower, block > upper
+            above_upper += _count(over_upper)
+            if collect:
+                band.append(block[over_lower ^ over_upper])
+            else:
+                above_lower += _count(over_lower)
+        return above_lower, above_upper, band
+
+    parts = _map(count_part, _ranges(values))
+    above_upper = sum(part[1] for part in parts)
+    collected = _concat([piece for part in parts for piece in part[2]], values)
+    above_lower = above_upper + len(collected) if collect else sum(part[0] for part in parts)
+    return above_lower, above_upper, collected
+
+
+def _sample(values: Values) -> Values:
+    """A deterministic strided sample of about ``n**(2/3)`` scores (between 1024 and 2**17). The stride is
+    prime to 2 and 3, so rows of power-of-two or 3·2**j columns are sampled across all their columns."""
+    n = len(values)
+    size = min(_MAX_SAMPLE, max(1024, round(n ** (2 / 3))))
+    stride = max(1, n // size)
+    while stride > 1 and (stride % 2 == 0 or stride % 3 == 0):
+        stride -= 1
+    return values[stride // 2 :: stride]
+
+
+def _bracket(pool: Values, interval: _Interval, k: int, widen: float) -> tuple[float, float]:
+    """Thresholds ``lower <= upper`` inside ``[low, high]`` that likely enclose ``T``, from the sample values
+    ``pool`` lying in the interval; the interval itself when the pool is empty."""
+    size = len(pool)
+    if size == 0:
+        return interval.low, interval.high
+    inside = interval.above_low - interval.above_high
+    fraction = (k - interval.above_high) / inside  # T's rank from the top of the interval, as a fraction
+    centre = size * (1 - fraction)
+    margin = widen * (_MARGIN_SD * math.sqrt(size * fraction * (1 - fraction)) + 1)
+    below_rank, above_rank = math.floor(centre - margin), math.ceil(centre + margin)
+    ranks = [rank for rank in (below_rank, above_rank) if 0 <= rank < size]
+    stats = dict(zip(ranks, _order_statistics(pool, ranks)))
+    lower = stats.get(below_rank, interval.low)
+    upper = float_below(stats[above_rank]) if above_rank in stats else interval.high
+    if lower > upper:  # both ranks fell in one block of ties: count exactly those ties
+        lower, upper = upper, lower
+    return max(lower, interval.low), min(upper, interval.high)
+
+
+def _in_band(band: Values, rank: int, above_band: int) -> Threshold:
+    """The ``rank``-th largest of ``band`` (1-based) when ``above_band`` scores lie above the band."""
+    value = _order_statistics(band, [len(band) - rank])[0]
+    return Threshold(value + 0.0, above_band + _count(band > value), _count(band == value))
+
+
+def kth_largest(scores: torch.Tensor, k: int, score_range: tuple[float, float] | None = None) -> Threshold:
+    """The k-th largest of 1-D float32 ``scores`` (``1 <= k <= n``), with the counts above and equal to it.
+    ``score_range``: ``(min, max)`` if already known (from `finite_range`); scores must be finite."""
+    values = _host_view(scores)
+    low, high = score_range if score_range is not None else finite_range(scores)
+    interval = _Interval(float_below(low), high, len(values), 0)
+    pool = _sample(values) if len(values) >= SAMPLE_FROM else values[:0]
+    widen, passes = 1.0, 0
+    while interval.low != float_below(interval.high):
+        if passes == _MAX_PASSES:
+            pool = pool[:0]  # the whole interval becomes the band: this pass cannot miss
+        lower, upper = _bracket(pool, interval, k, widen)
+        above_lower, above_upper, band = _count_pass(values, lower, upper)
+        if above_upper >= k:
+            interval = _Interval(upper, interval.high, above_upper, interval.above_high)
+        elif above_lower < k:
+            interval = _Interval(interval.low, lower, interval.above_low, above_lower)
+        elif lower == float_below(upper):
+            return Threshold(upper + 0.0, above_upper, above_lower - above_upper)
+        else:
+            return _in_band(band, k - above_upper, above_upper)
+        pool = pool[(pool > interval.low) & (pool <= interval.high)]
+        widen, passes = widen * _WIDEN, passes + 1
+    # a single float value is left in the interval
+    return Threshold(interval.high + 0.0, interval.above_high, interval.above_low - interval.above_high)
+
+
+def _check(scores: torch.Tensor, k: int) -> None:
+    if not isinstance(scores, torch.Tensor) or scores.dtype != torch.float32 or scores.dim() != 1:
+        raise TypeError(
+            f"top-k scores must be a 1-D float32 tensor, got {getattr(scores, 'dtype', type(scores))} "
+            f"of shape {tuple(getattr(scores, 'shape', ()))}"
+        )
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= scores.numel():
+        raise ValueError(f"k={k!r} outside [0, {scores.numel()}]")
 
 
 def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask of the ``k`` largest entries of 1-D float32 ``scores``; ties go to the lowest indices."""
-    check_finite(scores)
+    """Bool mask of the ``k`` largest entries of 1-D float32 ``scores``; ties go to the lowest indices.
+
+    ``-0.0`` ties with ``+0.0``. NaN or infinity anywhere raise `NonFiniteScoresError` (also for k = 0 or n).
+    `TypeError` for anything but a 1-D float32 tensor, `ValueError` unless ``0 <= k <= n``.
+    """
+    _check(scores, k)
+    scores = scores.detach().contiguous()
     n = scores.numel()
-    if not 0 <= k <= n:
-        raise ValueError(f"k={k} outside [0, {n}]")
-    mask = torch.zeros(n, dtype=torch.bool, device=scores.device)
-    if k == 0:
-        return mask
-    if k == n:
-        return mask.fill_(True)
-    order = torch.sort(scores, descending=True, stable=True).indices
-    mask[order[:k]] = True
+    if n == 0:
+        return torch.zeros(0, dtype=torch.bool, device=scores.device)
+    score_range = finite_range(scores)
+    if k in (0, n):
+        return torch.full((n,), k == n, dtype=torch.bool, device=scores.device)
+    threshold = kth_largest(scores, k, score_range)
+    r = k - threshold.above
+    values = _host_view(scores)
+    cut = n if r == threshold.ties else locate_ties(values, threshold.value, r)
+    mask = torch.empty(n, dtype=torch.bool, device=scores.device)
+    _fill_mask(values, _host_view(mask), threshold.value, cut)
     return mask
+
+
+def _fill_mask(values: Values, out: Values, value: float, cut: int) -> None:
+    """``out[:cut] = values[:cut] >= value`` and ``out[cut:] = values[cut:] > value``, in one pass."""
+    lib = np if isinstance(out, np.ndarray) else torch
+
+    def fill_part(bounds: tuple[int, int]) -> None:
+        start, stop = bounds
+        middle = min(max(cut, start), stop)
+        lib.greater_equal(values[start:middle], value, out=out[start:middle])
+        lib.greater(values[middle:stop], value, out=out[middle:stop])
+
+    _map(fill_part, _ranges(values))

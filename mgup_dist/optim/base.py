@@ -11,7 +11,7 @@ from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 
-from mgup_dist.optim.distributor import Distributor, LocalDistributor
+from mgup_dist.optim.distributor import Distributor, LocalDistributor, distributor_for
 from mgup_dist.optim.validation import check_unknown, validate_group
 from mgup_dist.rules.driver import Rule, run_rules
 from mgup_dist.rules.slot import Slot
@@ -35,6 +35,7 @@ class RuleOptimizer(torch.optim.Optimizer):
         group = self.param_groups[-1]
         validate_group(group)
         self.prepare_group(group)
+        self.distributor = distributor_for(self.distributor, group["params"])
 
     def prepare_group(self, group: dict[str, Any]) -> None:
         """Hook for subclass-specific checks or derived keys on a newly added group."""
@@ -59,8 +60,9 @@ class RuleOptimizer(torch.optim.Optimizer):
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As `torch.optim.Optimizer.load_state_dict`, but state tensors keep the dtype they were saved in
-        (e.g. MARS's float32 ``last_grad`` beside bf16 parameters)."""
+        """As `torch.optim.Optimizer.load_state_dict`, but state tensors keep the dtype and the exact values they
+        were saved with (e.g. MARS's float32 ``last_grad`` beside bf16 parameters): torch casts every floating
+        state tensor to the parameter's dtype, so such tensors are taken from ``state_dict`` again."""
         super().load_state_dict(state_dict)
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
@@ -68,4 +70,4 @@ class RuleOptimizer(torch.optim.Optimizer):
             for key, value in state_dict["state"].get(saved_id, {}).items():
                 current = self.state[param].get(key)
                 if torch.is_tensor(value) and torch.is_tensor(current) and current.dtype != value.dtype:
-                    self.state[param][key] = current.to(value.dtype)
+                    self.state[param][key] = value.to(device=current.device, copy=True)

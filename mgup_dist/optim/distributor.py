@@ -5,7 +5,8 @@ single-process one: every parameter is whole. Sharded engines provide their own 
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Protocol
+import sys
+from typing import Any, Iterator, Protocol, Sequence
 
 import torch
 
@@ -16,9 +17,17 @@ from mgup_dist.shard.segment import Segment
 
 
 class Distributor(Protocol):
-    """Yields ``(group, slot)`` for every tensor to step, in the same order on every rank, and the ops."""
+    """Yields ``(group, slot)`` for every tensor to step, in the same order on every rank, and the ops.
+
+    ``sharded`` is False when every rank holds whole tensors (replicated state); `segment_map` gives, for each
+    parameter id, the `Segment` whose range the optimizer state of that parameter covers on this rank.
+    """
 
     ops: TensorOps
+    sharded: bool
+
+    def segment_map(self, optimizer: torch.optim.Optimizer) -> dict[int, Segment]:
+        ...
 
     def slots(self, optimizer: torch.optim.Optimizer) -> Iterator[tuple[dict[str, Any], Slot]]:
         ...
@@ -33,8 +42,14 @@ def _flat(tensor: torch.Tensor, what: str) -> torch.Tensor:
 class LocalDistributor:
     """Every parameter is held whole by this process; state tensors take the parameter's shape."""
 
+    sharded = False
+
     def __init__(self) -> None:
         self.ops: TensorOps = LocalOps()
+
+    def segment_map(self, optimizer: torch.optim.Optimizer) -> dict[int, Segment]:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        return {id(p): Segment.whole(i, tuple(p.shape)) for i, p in enumerate(params)}
 
     def slots(self, optimizer: torch.optim.Optimizer) -> Iterator[tuple[dict[str, Any], Slot]]:
         index = 0
@@ -52,3 +67,14 @@ class LocalDistributor:
                     segment=Segment.whole(index - 1, tuple(param.shape)),
                     allocate=lambda dtype, p=param: torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format),
                 )
+
+
+def distributor_for(current: Distributor, params: Sequence[torch.Tensor]) -> Distributor:
+    """The distributor to use once ``params`` join the optimizer: ``current``, unless some are DTensors
+    (FSDP2), which switch it to `mgup_dist.integrations.fsdp.FSDPDistributor` (validating their placements)."""
+    dtensor = sys.modules.get("torch.distributed.tensor")  # not imported yet: no parameter can be a DTensor
+    if dtensor is None or not any(isinstance(p, dtensor.DTensor) for p in params):
+        return current
+    from mgup_dist.integrations.fsdp import adopt_dtensors  # lazy: only FSDP2 users pay for the integration
+
+    return adopt_dtensors(current, params)

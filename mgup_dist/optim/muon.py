@@ -11,6 +11,7 @@ import torch
 
 from mgup_dist.optim.base import RuleOptimizer
 from mgup_dist.optim.mars_hooks import MarsExactHooks
+from mgup_dist.optim.param_groups import logical_shape
 from mgup_dist.rules import muon as rules
 from mgup_dist.rules.adam import adamw
 from mgup_dist.rules.driver import Rule
@@ -36,9 +37,9 @@ class MuonFamily(RuleOptimizer):
     def prepare_group(self, group: dict[str, Any]) -> None:
         if group.get("use_muon"):
             for param in group["params"]:
-                if param.ndim < 2:
+                if len(logical_shape(param)) < 2:
                     raise ValueError(
-                        f"{type(self).__name__}: a parameter of shape {tuple(param.shape)} is in a use_muon=True "
+                        f"{type(self).__name__}: a parameter of shape {logical_shape(param)} is in a use_muon=True "
                         "group, but the matrix path needs ndim >= 2; put it in a use_muon=False group "
                         "(muon_param_groups(model) does this)"
                     )

@@ -28,16 +28,23 @@ def _excluded(model: nn.Module) -> set[int]:
     return excluded
 
 
+def logical_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """``param``'s real shape: ``ds_shape`` once DeepSpeed ZeRO-3 has partitioned it (under ``zero.Init`` the
+    tensor itself is 1-D), else ``shape``."""
+    return tuple(int(d) for d in getattr(param, "ds_shape", param.shape))
+
+
 def muon_param_groups(model: nn.Module) -> list[dict[str, Any]]:
     """``[{"params": [...], "use_muon": True}, {"params": [...], "use_muon": False}]`` over the trainable
-    parameters of ``model``, each listed once; empty groups omitted. A parameter takes the matrix path iff
-    ``ndim ≥ 2`` and it is not an embedding, a head tied to one, or the last ``lm_head``/``head``/``output``."""
+    parameters of ``model``, each listed once; empty groups omitted. A parameter takes the matrix path iff its
+    `logical_shape` has ``ndim ≥ 2`` and it is not an embedding, a head tied to one, or the last
+    ``lm_head``/``head``/``output``."""
     excluded = _excluded(model)
     matrix: list[torch.nn.Parameter] = []
     other: list[torch.nn.Parameter] = []
     for param in model.parameters():  # parameters() already de-duplicates tied tensors
         if not param.requires_grad:
             continue
-        (matrix if param.ndim >= 2 and id(param) not in excluded else other).append(param)
+        (matrix if len(logical_shape(param)) >= 2 and id(param) not in excluded else other).append(param)
     groups = [{"params": matrix, "use_muon": True}, {"params": other, "use_muon": False}]
     return [group for group in groups if group["params"]]

@@ -6,6 +6,7 @@ or the dynamic 1/ā and ā). Masks are recomputed every step and never stored pe
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Generator, Mapping
 
 import torch
@@ -32,23 +33,64 @@ def mask_k(mask_ratio: float, numel: int) -> int:
     return int(float(mask_ratio) * numel)
 
 
-def sign_factors(selected: torch.Tensor, high: float, low: float, dtype: torch.dtype) -> torch.Tensor:
-    """Φ = ``high`` where ``selected`` else ``low``, each rounded once to ``dtype``."""
-    return torch.where(
-        selected,
-        torch.tensor(high, dtype=dtype, device=selected.device),
-        torch.tensor(low, dtype=dtype, device=selected.device),
-    )
+_SPAN = {torch.float16: 2.0**14}  # a power of two whose double is finite in the dtype; 2**100 for wider ones
+
+
+def sign_factors(
+    selected: torch.Tensor, high: float, low: float, dtype: torch.dtype, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Φ = ``high`` where ``selected`` else ``low``, each rounded once to ``dtype``; written into ``out`` (a
+    tensor of ``selected``'s size and ``dtype``) when given.
+
+    Bit for bit ``torch.where(selected, high, low)`` in ``dtype``, but built from plain elementwise ops
+    (``where`` is several times slower on CPU): see `_clamped_factors`.
+    """
+    high_value, low_value = (torch.tensor(v, dtype=dtype).item() for v in (high, low))
+    if out is None:
+        out = torch.empty(selected.shape, dtype=dtype, device=selected.device)
+    factors = out.view(selected.shape)
+    span = _SPAN.get(dtype, 2.0**100)
+    signed_zeros = high_value == low_value and math.copysign(1, high_value) != math.copysign(1, low_value)
+    if abs(high_value) <= span and abs(low_value) <= span and not signed_zeros:
+        return _clamped_factors(selected, high_value, low_value, span, factors)
+    values = (torch.tensor(v, dtype=dtype, device=selected.device) for v in (high_value, low_value))
+    return factors.copy_(torch.where(selected, *values))
+
+
+_CPU_BLOCK = 1 << 18  # elements per block when building factors on CPU: the three passes stay in cache
+
+
+def _clamped_factors(
+    selected: torch.Tensor, high: float, low: float, span: float, factors: torch.Tensor
+) -> torch.Tensor:
+    """``factors`` ← ``high`` where ``selected`` else ``low`` (both exact in ``factors.dtype``, at most ``span``
+    in magnitude): the 0/1 selection maps exactly to ``±span`` (a power of two), and clamping that to
+    ``[min, max]`` of the two values returns them unchanged. On CPU this runs block by block, so the
+    factors are written to memory once."""
+    sign = 1.0 if high >= low else -1.0  # selected -> sign*span, the rest -> -sign*span
+    offset = torch.tensor(-sign * span, dtype=factors.dtype, device=factors.device)
+    flat, bits = factors.view(-1), selected.reshape(-1).view(torch.uint8)
+    size = _CPU_BLOCK if factors.device.type == "cpu" else max(flat.numel(), 1)
+    for block, chosen in zip(flat.split(size), bits.split(size)):
+        block.copy_(chosen)
+        torch.add(offset, block, alpha=2 * sign * span, out=block)
+        block.clamp_(min(high, low), max(high, low))
+    return factors
 
 
 def mgup_factors(
     direction: torch.Tensor, grad: torch.Tensor, segment: Segment, hp: Mapping[str, Any]
 ) -> Generator[Request, Any, torch.Tensor]:
-    """MGUP_MASK: α on the exact top-k of ``direction ⊙ grad`` over the whole tensor, γ elsewhere."""
+    """MGUP_MASK: α on the exact top-k of ``direction ⊙ grad`` over the whole tensor, γ elsewhere.
+
+    Once the answer is back the scores are dead, so for a float32 ``direction`` the factors overwrite their
+    buffer: the mask costs one float tensor of the segment's size beside the bool selection.
+    """
     k = mask_k(hp["mask_ratio"], segment.numel)
     scores = alignment_scores(direction, grad)
     selected = yield TopKMask(segment, scores, k)
-    return sign_factors(selected, hp["alpha"], hp["gamma"], direction.dtype)
+    reuse = scores if direction.dtype == torch.float32 else None  # a fresh tensor, no longer needed
+    return sign_factors(selected, hp["alpha"], hp["gamma"], direction.dtype, out=reuse)
 
 
 def dynamic_factors(

@@ -102,6 +102,6 @@ class Collectives:
         self._count("all_gather", values.numel() * values.element_size())
         if self.world_size == 1:
             return values.unsqueeze(0).clone()
-        out = values.new_empty(self.world_size, values.numel())
+        out = values.new_empty(self.world_size * values.numel())  # gloo needs a flat output
         _all_gather_single(out, values.contiguous(), group=self.group)
-        return out
+        return out.view(self.world_size, values.numel())

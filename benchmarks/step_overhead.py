@@ -1,0 +1,237 @@
+"""Optimizer step time on a GPT-2-small parameter set, relative to ``torch.optim.AdamW(foreach=True)``.
+
+Run from the repository root::
+
+    python -m benchmarks.step_overhead --threads 2 --steps 5 --out benchmarks/RESULTS.md
+
+Every optimizer of `mgup_dist.OPTIMIZERS` is built with `mgup_dist.build_optimizer` at its default
+hyperparameters (the Muon family over `muon_param_groups(model)`, so the 2-D block weights take the matrix
+path and the embeddings, biases and norms the AdamW path), next to two baselines built in this run:
+``torch.optim.AdamW(foreach=True)`` and MGUP-AdamW whose mask comes from ``torch.topk`` indices, as in the
+authors' reference (`TopkOps`). The parameters are GPT-2 small's (124M): token embedding 50257x768 (the
+tied head), positions 1024x768, 12 blocks of c_attn 768x2304, attention c_proj 768x768, mlp c_fc 768x3072
+and c_proj 3072x768 (each with a bias) and two LayerNorms, and a final LayerNorm. Gradients are fixed random
+normals, with the embedding rows of tokens absent from a batch (`ABSENT_TOKENS` of the vocabulary) zero, as
+in training: zero gradients give zero MGUP scores and so the tie-heavy path of the selection.
+
+Each optimizer takes ``--warmup`` untimed steps, then its timed steps; the table reports the median. The
+Muon family (Newton–Schulz of every block matrix, slow on a few CPU threads) is timed for at most
+`SLOW_STEPS` steps after one warm-up step, so a full run stays within a few minutes; the table shows the
+counts. Wall-clock times on a shared machine include other processes' load (the load average is recorded).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from benchmarks.results_page import replace_section
+from mgup_dist.optim import OPTIMIZERS, build_optimizer, muon_param_groups
+from mgup_dist.ops.local import LocalOps
+from mgup_dist.optim.muon import MuonFamily
+from mgup_dist.rules.requests import TopKMask
+
+SECTION = "Step overhead"
+ABSENT_TOKENS = 0.6  # fraction of embedding rows whose gradient is zero
+SLOW_STEPS = 2  # timed steps of the Muon family
+TORCH_ADAMW = "torch AdamW (foreach)"
+TOPK_BASELINE = "mgup_adamw, torch.topk mask"
+
+
+@dataclass(frozen=True)
+class Shape:
+    """GPT-2 dimensions: vocabulary, positions, width, blocks."""
+
+    vocab: int
+    positions: int
+    width: int
+    blocks: int
+
+
+GPT2_SMALL = Shape(vocab=50257, positions=1024, width=768, blocks=12)
+SMOKE = Shape(vocab=512, positions=64, width=64, blocks=2)
+
+
+class Conv1D(nn.Module):
+    """GPT-2's linear layer: weight stored (in, out), plus a bias."""
+
+    def __init__(self, fan_in: int, fan_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(fan_in, fan_out) * 0.02)
+        self.bias = nn.Parameter(torch.zeros(fan_out))
+
+
+class Block(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn = nn.ModuleDict({"c_attn": Conv1D(width, 3 * width), "c_proj": Conv1D(width, width)})
+        self.mlp = nn.ModuleDict({"c_fc": Conv1D(width, 4 * width), "c_proj": Conv1D(4 * width, width)})
+
+
+class GPT2Parameters(nn.Module):
+    """The parameters of a GPT-2 language model (head tied to ``wte``); no forward pass is needed here."""
+
+    def __init__(self, shape: Shape) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(shape.vocab, shape.width)
+        self.wpe = nn.Embedding(shape.positions, shape.width)
+        self.h = nn.ModuleList(Block(shape.width) for _ in range(shape.blocks))
+        self.ln_f = nn.LayerNorm(shape.width)
+
+
+def set_gradients(model: GPT2Parameters, seed: int = 0) -> None:
+    """Random normal gradients; the embedding rows of absent tokens get zero."""
+    generator = torch.Generator().manual_seed(seed)
+    for param in model.parameters():
+        param.grad = torch.randn(param.shape, generator=generator).mul_(1e-3)
+    absent = torch.rand(model.wte.num_embeddings, generator=generator) < ABSENT_TOKENS
+    model.wte.weight.grad[absent] = 0.0
+
+
+class TopkOps(LocalOps):
+    """`LocalOps` whose MGUP mask is built like the authors' reference: ``torch.topk`` indices scattered into
+    a mask (its tie order is torch's, not the spec's; only the cost matters here)."""
+
+    def topk_masks(self, requests: Sequence[TopKMask]) -> list[torch.Tensor]:
+        masks = []
+        for request in requests:
+            mask = torch.zeros_like(request.scores, dtype=torch.bool)
+            mask[torch.topk(request.scores, request.k).indices] = True
+            masks.append(mask)
+        return masks
+
+
+def optimizer_factories(model: nn.Module) -> dict[str, Callable[[], torch.optim.Optimizer]]:
+    """Name -> builder, baselines first."""
+
+    def topk_mgup() -> torch.optim.Optimizer:
+        optimizer = build_optimizer("mgup_adamw", model.parameters())
+        optimizer.distributor.ops = TopkOps()
+        return optimizer
+
+    def ours(name: str) -> Callable[[], torch.optim.Optimizer]:
+        matrix_path = issubclass(OPTIMIZERS[name], MuonFamily)
+        return lambda: build_optimizer(name, muon_param_groups(model) if matrix_path else model.parameters())
+
+    factories: dict[str, Callable[[], torch.optim.Optimizer]] = {
+        TORCH_ADAMW: lambda: torch.optim.AdamW(model.parameters(), foreach=True),
+    }
+    factories.update((name, ours(name)) for name in OPTIMIZERS)
+    factories[TOPK_BASELINE] = topk_mgup
+    return factories
+
+
+def time_steps(optimizer: torch.optim.Optimizer, warmup: int, steps: int) -> list[float]:
+    """Seconds of each of ``steps`` timed steps after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        optimizer.step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def cpu_name() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    match = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
+    return match.group(1).strip() if match else platform.machine()
+
+
+def load_average() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+
+
+def measure(shape: Shape, steps: int, warmup: int) -> tuple[int, list[tuple[str, int, float]]]:
+    """The parameter count, and ``(optimizer, timed steps, median seconds)`` per optimizer in
+    `optimizer_factories` order."""
+    model = GPT2Parameters(shape)
+    set_gradients(model)
+    rows = []
+    for name, factory in optimizer_factories(model).items():
+        slow = name in OPTIMIZERS and issubclass(OPTIMIZERS[name], MuonFamily)
+        count = min(steps, SLOW_STEPS) if slow else steps
+        optimizer = factory()
+        times = time_steps(optimizer, min(warmup, 1) if slow else warmup, count)
+        rows.append((name, count, statistics.median(times)))
+        print(f"{name:32s} {count:2d} steps  median {rows[-1][2] * 1e3:9.1f} ms", file=sys.stderr, flush=True)
+        del optimizer
+    return sum(p.numel() for p in model.parameters()), rows
+
+
+def table(rows: list[tuple[str, int, float]]) -> str:
+    """Markdown table with ratios to torch's AdamW(foreach) and to mgup_dist's AdamW."""
+    medians = {name: seconds for name, _, seconds in rows}
+    lines = [
+        "| optimizer | timed steps | median ms | vs torch AdamW (foreach) | vs our AdamW |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, count, seconds in rows:
+        lines.append(
+            f"| {name} | {count} | {seconds * 1e3:.1f} | {seconds / medians[TORCH_ADAMW]:.2f}x "
+            f"| {seconds / medians['adamw']:.2f}x |"
+        )
+    mgup = medians["mgup_adamw"]
+    lines.append(
+        f"\nMGUP-AdamW takes {mgup / medians['adamw']:.2f}x our AdamW's step (target <= 1.3x); the torch.topk "
+        f"mask takes {medians[TOPK_BASELINE] / mgup:.2f}x MGUP-AdamW's step (target >= 2x)."
+    )
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument("--steps", type=int, default=5, help=f"timed steps per optimizer (Muon family: at most {SLOW_STEPS})")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (Muon family: at most 1)")
+    parser.add_argument("--small", action="store_true", help="a tiny GPT-2-shaped set, for smoke tests")
+    parser.add_argument("--out", type=Path, help="markdown file whose step-overhead section is replaced")
+    args = parser.parse_args(argv)
+    if args.threads < 1 or args.steps < 1 or args.warmup < 0:
+        parser.error("--threads and --steps must be >= 1 and --warmup >= 0")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    """Runs the benchmark, prints the table and writes it to ``--out``; returns the table."""
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    shape = SMOKE if args.small else GPT2_SMALL
+    load_before = load_average()
+    started = time.perf_counter()
+    numel, rows = measure(shape, args.steps, args.warmup)
+    result = table(rows)
+    print(result)
+    if args.out is not None:
+        command = " ".join(["python -m benchmarks.step_overhead", *(argv if argv is not None else sys.argv[1:])])
+        body = "\n".join([
+            f"`{command}` on {datetime.date.today().isoformat()}: {cpu_name()}, {os.cpu_count()} CPUs, "
+            f"torch.get_num_threads() = {torch.get_num_threads()}, torch {torch.__version__}, "
+            f"{numel:,} parameters ({'smoke shapes' if args.small else 'GPT-2 small'}); load average "
+            f"{load_before} before, {load_average()} after; {time.perf_counter() - started:.0f} s in all.",
+            "",
+            result,
+        ])
+        replace_section(args.out, SECTION, body)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Entry point: GPT pretraining with an mgup_dist optimizer.
+
+    python -m launch.pretrain --config configs/NAME.json [--data PATH] [--steps N] [--out DIR] [--resume DIR] [--seed S]
+    torchrun --nproc_per_node N -m launch.pretrain ...        (also: deepspeed --num_gpus N, mpirun -np N)
+
+Everything is validated before work starts; a usage or config mistake prints one ``error: ...`` line on
+stderr and exits with status 2. Outputs in ``--out`` (default ``runs/<config name>``): ``config.json``
+(resolved config), ``data.json`` (corpus split and sha256), ``metrics.jsonl``, ``loss.png``,
+``summary.json`` and ``checkpoints/``. ``--resume DIR`` takes a checkpoint folder or a run folder (its newest
+checkpoint); without ``--config`` the checkpoint's own config is used, and the run continues in that folder
+unless ``--out`` is given.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import tempfile
+from pathlib import Path
+from typing import NoReturn, Optional, Sequence
+
+from launch import checkpoint
+from launch.backends import backend_class
+from launch.config import RunConfig, config_to_dict, load_config, parse_config
+from launch.corpus import load_corpus
+from launch.dist_env import configure_threads, detect, init_process_group, shutdown
+from launch.errors import LaunchError
+from launch.metrics import write_json
+from launch.trainer import RunPlan, Trainer
+
+_MUST_MATCH_ON_RESUME = ("model", "optimizer")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise LaunchError(f"{message} (see --help)")
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = _Parser(prog="python -m launch.pretrain", description="Pretrain a byte-level GPT with mgup_dist.")
+    parser.add_argument("--config", help="JSON run config (optional with --resume)")
+    parser.add_argument("--data", help="UTF-8 text file or folder instead of the embedded stdlib corpus")
+    parser.add_argument("--steps", type=int, help="override train.steps (total optimizer steps)")
+    parser.add_argument("--out", help="output folder (default runs/<config name>)")
+    parser.add_argument("--resume", help="checkpoint folder, or run folder to resume from its newest checkpoint")
+    parser.add_argument("--seed", type=int, help="override train.seed")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def _override(cfg: RunConfig, args: argparse.Namespace) -> RunConfig:
+    """``cfg`` with the command-line overrides applied, validated again."""
+    train = dataclasses.replace(
+        cfg.train,
+        **{k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None},
+    )
+    data = dataclasses.replace(cfg.data, path=args.data) if args.data is not None else cfg.data
+    return parse_config(config_to_dict(dataclasses.replace(cfg, train=train, data=data)))
+
+
+def _check_resumable(cfg: RunConfig, saved: RunConfig, ckpt: Path) -> None:
+    step = checkpoint.read_trainer_state(ckpt)["step"]
+    if step >= cfg.train.steps:
+        raise LaunchError(
+            f"checkpoint {ckpt} is at step {step} and train.steps is {cfg.train.steps}: nothing to do; "
+            "pass a larger --steps"
+        )
+    new, old = config_to_dict(cfg), config_to_dict(saved)
+    pairs = [(key, new[key], old[key]) for key in _MUST_MATCH_ON_RESUME]
+    pairs += [("batch.global_batch", cfg.batch.global_batch, saved.batch.global_batch),
+              ("train.seed", cfg.train.seed, saved.train.seed)]
+    for key, mine, theirs in pairs:
+        if mine != theirs:
+            raise LaunchError(f"{key} differs from checkpoint {ckpt}: {mine} here, {theirs} there")
+
+
+def _prepare_out(out: Path) -> Path:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise LaunchError(f"output directory {out} is not writable ({exc.strerror or exc})") from None
+    return out
+
+
+def plan_run(args: argparse.Namespace) -> RunPlan:
+    """Resolves config, environment, backend, batch split and folders; raises `LaunchError` on any problem."""
+    ckpt = checkpoint.resolve(Path(args.resume)) if args.resume else None
+    saved = parse_config(checkpoint.read_trainer_state(ckpt)["config"]) if ckpt else None
+    if args.config is None and saved is None:
+        raise LaunchError("--config is required (unless --resume is given)")
+    cfg = _override(load_config(args.config) if args.config else saved, args)
+    if ckpt is not None and saved is not None:
+        _check_resumable(cfg, saved, ckpt)
+    env = detect(args.local_rank)
+    backend = backend_class(cfg.backend)(env, cfg.backend_options)
+    _, accum = cfg.batch.split(env.world_size)
+    if args.out:
+        out = Path(args.out)
+    elif ckpt is not None:
+        out = ckpt.parent.parent
+    else:
+        out = Path("runs") / (cfg.name or Path(args.config).stem)
+    return RunPlan(cfg, env, _prepare_out(out), backend, accum, resume=ckpt)
+
+
+def _describe(plan: RunPlan, corpus_info: dict) -> str:
+    cfg, env = plan.cfg, plan.env
+    m = cfg.model
+    return (
+        f"run: GPT {m.n_layer}x{m.n_embd} ({m.n_head} heads, block {m.block_size}), optimizer "
+        f"{cfg.optimizer.name}, backend {cfg.backend} on {env.world_size} rank(s) ({env.device.type}), global "
+        f"batch {cfg.batch.global_batch} = {env.world_size} x {plan.accum_steps} x {cfg.batch.micro_batch}; corpus "
+        f"{corpus_info['train_tokens']:,} train / {corpus_info['val_tokens']:,} val bytes, "
+        f"sha256 {corpus_info['sha256'][:12]}"
+    )
+
+
+def _final_line(summary: dict, out: Path) -> str:
+    val = summary["final_val_loss"]
+    return (
+        f"done: steps {summary['start_step']}->{summary['steps']}, train loss {summary['first_loss']:.4f} -> "
+        f"{summary['final_loss']:.4f}, val loss {'n/a' if val is None else f'{val:.4f}'}, "
+        f"{summary['tokens']:,} tokens in {summary['time_s']:.1f} s ({summary['tokens_per_s']:,.0f} tokens/s "
+        f"training); outputs in {out}"
+    )
+
+
+def run(plan: RunPlan) -> dict:
+    """Trains per ``plan`` on this rank (joining and leaving the process group if the backend needs one)."""
+    configure_threads(plan.env)
+    if plan.backend.needs_process_group:
+        init_process_group(plan.env)
+    try:
+        corpus = load_corpus(plan.cfg.data)
+        trainer = Trainer(plan, corpus)  # restores a checkpoint before any file in the output folder changes
+        if plan.env.is_main:
+            write_json(plan.out / "config.json", config_to_dict(plan.cfg))
+            write_json(plan.out / "data.json", corpus.info)
+            print(_describe(plan, corpus.info), flush=True)
+        summary = trainer.run()
+        if plan.env.is_main:
+            print(_final_line(summary, plan.out), flush=True)
+        return summary
+    finally:
+        shutdown()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry; returns the exit status (2 for usage/config errors)."""
+    try:
+        run(plan_run(parse_args(argv)))
+    except LaunchError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

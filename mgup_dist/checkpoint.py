@@ -1,0 +1,211 @@
+"""Reshardable optimizer state with `torch.distributed.checkpoint` (DCP): save at N ranks, load at M.
+
+Every per-element state tensor (moments, momentum, MARS's ``last_grad``) is stored as the 1-D row-major
+flattening of its parameter, ``numel`` elements, under ``optim.state.<param fqn>.<key>``. A sharded rank
+contributes its segment ``[lo, hi)`` as a shard at offset ``lo`` (empty segments contribute nothing); a
+replicated (single-process or DDP) optimizer contributes the whole tensor, which DCP de-duplicates. On load,
+each rank allocates exactly its own segment under the *current* distributor and DCP reads the overlapping
+pieces, so the world size and the layout may change between save and load. Scalars (``step``, AlphaAdam's
+``alpha_bar``) and the param groups' hyperparameters are stored as replicated values.
+
+`save_atomic` writes a checkpoint into a temporary directory and renames it into place only once every rank
+has finished, so an interrupted save never leaves a half-written checkpoint under the final name.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+from typing import Any, Mapping
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed._shard.metadata import ShardMetadata
+from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+
+from mgup_dist.optim.base import RuleOptimizer
+from mgup_dist.shard.segment import Segment
+
+STATE_PREFIX = "optim.state."
+GROUPS_KEY = "optim.param_groups"
+SCALAR_STATE = ("step",)
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint does not belong to this model/optimizer (names, shapes or groups differ)."""
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def flat_entry(local: torch.Tensor, segment: Segment, sharded: bool) -> torch.Tensor:
+    """The DCP value for a per-element tensor whose local storage covers ``segment`` of a ``numel`` flattening:
+    a `ShardedTensor` when ``sharded`` (collective: every rank must call it for the same tensors in the same
+    order), else the whole tensor, flattened."""
+    flat = local.reshape(-1)
+    if not (sharded and _distributed()):
+        if not segment.is_whole:
+            raise ValueError(f"tensor {segment.index} is only partly held here, so it must be saved sharded")
+        return flat
+    shards = []
+    if segment.length:
+        placement = f"rank:{dist.get_rank()}/{flat.device.type}"
+        shards.append(Shard(flat, ShardMetadata([segment.lo], [segment.length], placement)))
+    return ShardedTensor._init_from_local_shards(shards, segment.numel)
+
+
+def local_part(value: torch.Tensor) -> torch.Tensor:
+    """This rank's 1-D piece of a `flat_entry` value (empty when it holds none)."""
+    if isinstance(value, ShardedTensor):
+        shards = value.local_shards()
+        return shards[0].tensor if shards else torch.empty(0, dtype=value.dtype)
+    return value
+
+
+def _names(model: nn.Module) -> dict[int, str]:
+    return {id(p): name for name, p in model.named_parameters(remove_duplicate=True)}
+
+
+def _param_names(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[tuple[torch.Tensor, str]]:
+    names = _names(model)
+    out = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in names:
+                raise ValueError(f"an optimizer parameter of shape {tuple(p.shape)} is not a parameter of the model")
+            out.append((p, names[id(p)]))
+    return out
+
+
+def optimizer_state_dict(optimizer: RuleOptimizer, model: nn.Module) -> dict[str, Any]:
+    """The DCP-ready, reshardable state of ``optimizer`` (built over ``model``'s parameters). Collective when
+    the optimizer's distributor is sharded."""
+    distributor = optimizer.distributor
+    segments = distributor.segment_map(optimizer)
+    out: dict[str, Any] = {}
+    for param, name in _param_names(optimizer, model):
+        for key, value in optimizer.state[param].items():
+            full_key = f"{STATE_PREFIX}{name}.{key}"
+            if key in SCALAR_STATE or not torch.is_tensor(value):
+                out[full_key] = value
+            else:
+                out[full_key] = flat_entry(value, segments[id(param)], distributor.sharded)
+    names = _names(model)
+    groups = [
+        {**{k: v for k, v in group.items() if k != "params"}, "params": [names[id(p)] for p in group["params"]]}
+        for group in optimizer.param_groups
+    ]
+    out[GROUPS_KEY] = pickle.dumps(groups)  # one opaque value: DCP would otherwise flatten the list of dicts
+    return out
+
+
+def _target(key: str, meta: Any, segment: Segment, sharded: bool, device: torch.device) -> Any:
+    if isinstance(meta, BytesStorageMetadata):
+        return None
+    assert isinstance(meta, TensorStorageMetadata)
+    if key.rsplit(".", 1)[-1] in SCALAR_STATE:
+        return torch.zeros(tuple(meta.size), dtype=meta.properties.dtype)
+    if tuple(meta.size) != (segment.numel,):
+        raise CheckpointMismatchError(
+            f"checkpoint entry {key} has {tuple(meta.size)} elements, but the parameter has {segment.numel}"
+        )
+    local = torch.zeros(segment.length if sharded else segment.numel, dtype=meta.properties.dtype, device=device)
+    return flat_entry(local, segment, sharded)
+
+
+def _check_groups(saved: list[dict[str, Any]], optimizer: torch.optim.Optimizer, names: Mapping[int, str]) -> None:
+    ours = [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+    theirs = [group["params"] for group in saved]
+    if ours != theirs:
+        raise CheckpointMismatchError(
+            f"the checkpoint's param groups hold {theirs}, this optimizer's hold {ours}: a different model or grouping"
+        )
+
+
+def load_optimizer_state_dict(optimizer: RuleOptimizer, model: nn.Module, checkpoint_id: str | os.PathLike) -> None:
+    """Loads optimizer state saved by `optimizer_state_dict` (at any world size and layout) into this rank's
+    segments under ``optimizer``'s current distributor, and restores the groups' hyperparameters. Collective
+    when sharded. Raises `CheckpointMismatchError` if the checkpoint belongs to another model or grouping."""
+    metadata = dcp.FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata
+    distributor = optimizer.distributor
+    segments = distributor.segment_map(optimizer)
+    params = _param_names(optimizer, model)
+    known = {f"{STATE_PREFIX}{name}." for _, name in params}
+    stray = [k for k in metadata if k.startswith(STATE_PREFIX) and not any(k.startswith(p) for p in known)]
+    if stray:
+        raise CheckpointMismatchError(f"checkpoint has optimizer state for unknown parameters, e.g. {stray[0]}")
+    target: dict[str, Any] = {GROUPS_KEY: None}
+    owners: dict[str, tuple[torch.Tensor, str, torch.Size]] = {}
+    for param, name in params:
+        prefix = f"{STATE_PREFIX}{name}."
+        for key in sorted(k for k in metadata if k.startswith(prefix)):
+            target[key] = _target(key, metadata[key], segments[id(param)], distributor.sharded, param.device)
+            shape = param.shape if not distributor.sharded else torch.Size([segments[id(param)].length])
+            owners[key] = (param, key[len(prefix):], shape)
+    dcp.load(target, checkpoint_id=checkpoint_id)
+    saved_groups = pickle.loads(target[GROUPS_KEY])
+    _check_groups(saved_groups, optimizer, _names(model))
+    optimizer.state.clear()
+    for key, (param, state_key, shape) in owners.items():
+        value = target[key]
+        if state_key not in SCALAR_STATE and torch.is_tensor(value):
+            value = local_part(value).view(shape)
+        optimizer.state[param][state_key] = value
+    for group, saved in zip(optimizer.param_groups, saved_groups):
+        group.update({k: v for k, v in saved.items() if k != "params"})
+
+
+MODEL_PREFIX = "model."
+
+
+def model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.<key>`` entries of a replicated model's state dict (every rank holds the same values; DCP writes
+    them once)."""
+    return {f"{MODEL_PREFIX}{key}": value for key, value in model.state_dict().items()}
+
+
+def load_model_state_dict(model: nn.Module, checkpoint_id: str | os.PathLike) -> None:
+    """Loads the ``model.*`` entries of a checkpoint into a replicated ``model`` (strict: missing or extra keys
+    and shape changes raise `CheckpointMismatchError`)."""
+    metadata = dcp.FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata
+    state = model_state_dict(model)
+    saved = {key for key in metadata if key.startswith(MODEL_PREFIX)}
+    if saved != set(state):
+        missing, extra = sorted(set(state) - saved), sorted(saved - set(state))
+        raise CheckpointMismatchError(f"checkpoint model keys differ: missing {missing[:3]}, unexpected {extra[:3]}")
+    for key, value in state.items():
+        meta = metadata[key]
+        if isinstance(meta, TensorStorageMetadata) and tuple(meta.size) != tuple(value.shape):
+            raise CheckpointMismatchError(f"checkpoint entry {key} has shape {tuple(meta.size)}, the model {tuple(value.shape)}")
+    dcp.load(state, checkpoint_id=checkpoint_id)
+    model.load_state_dict({key[len(MODEL_PREFIX):]: value for key, value in state.items()})
+
+
+def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> None:
+    """Writes ``state`` with DCP to ``path`` atomically: into ``<path>.partial`` first, renamed into place by
+    rank 0 after every rank has written (an earlier checkpoint at ``path`` is replaced). Collective."""
+    path = os.fspath(path)
+    partial = path + ".partial"
+    rank = dist.get_rank() if _distributed() else 0
+    if rank == 0 and os.path.exists(partial):
+        shutil.rmtree(partial)
+    _barrier()
+    dcp.save(state, checkpoint_id=partial)
+    _barrier()
+    if rank == 0:
+        previous = path + ".previous"
+        if os.path.exists(path):
+            os.replace(path, previous)
+        os.replace(partial, path)
+        if os.path.exists(previous):
+            shutil.rmtree(previous)
+    _barrier()
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()

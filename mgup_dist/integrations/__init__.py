@@ -1,0 +1,9 @@
+"""Engine integrations: thin adapters that turn an engine's own partitioning into `Segment`s for our optimizers.
+
+- `mgup_dist.integrations.fsdp`: FSDP2 / DTensor parameters (``fully_shard``), adopted automatically.
+- `mgup_dist.integrations.deepspeed`: ``initialize``, a drop-in for ``deepspeed.initialize`` (JSON selection,
+  ZeRO stages 0-3, fp32/bf16); users normally import it as ``mgup_dist.deepspeed``.
+
+No update math lives here. Submodules import their engine on first use only, so importing this package costs
+nothing.
+"""

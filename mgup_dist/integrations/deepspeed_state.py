@@ -1,0 +1,140 @@
+"""`FlatPartitionDistributor`: steps our rules on the logical tensors inside DeepSpeed's flat master partitions.
+
+During a DeepSpeed step our optimizer's ``param_groups`` hold flat fp32 partitions (ZeRO-1/2: one group per
+``step()`` call; ZeRO-3: one sub-group at a time; `BF16_Optimizer`: all groups at once). For every flat tensor
+in ``param_groups`` the distributor yields one `Slot` per logical tensor of its group (`FlatPartition`),
+*including tensors of which this rank holds nothing*, in the same order on every rank, so all ranks make the
+same collective calls.
+
+State layout (`PieceState`). ``optimizer.state[flat]`` is DeepSpeed's layout: every per-element state tensor
+(``exp_avg``, ``momentum_buffer``, MARS's ``last_grad``, ...) is one flat tensor of the partition's length, of
+which each logical tensor uses its own range. DeepSpeed's checkpointing (``engine.save_checkpoint`` /
+``load_checkpoint``, padding removal, elastic resharding) and ``safe_get_full_optimizer_state`` therefore work
+on it unchanged. Per-tensor scalars (the ``step`` counter, AlphaAdam's ``alpha_bar``) are kept under
+``optimizer.state[flat]["mgup_dist.tensors"][position]``; every rank steps every tensor of a group, so these
+are identical on all ranks. A key shared by several tensors of one partition must have one dtype (all
+master gradients are fp32, so rules ask for fp32 or float64 consistently).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator, MutableMapping, Sequence
+
+import torch
+
+from mgup_dist.ops.base import TensorOps
+from mgup_dist.integrations.deepspeed_layout import FlatPartition, TensorPiece
+from mgup_dist.rules.slot import Slot
+from mgup_dist.shard.segment import Segment
+
+TENSORS_KEY = "mgup_dist.tensors"
+
+
+class PieceState(MutableMapping[str, Any]):
+    """One logical tensor's view of its flat partition's state dict ``flat_state`` (see the module docstring).
+
+    Reading a per-element key returns the tensor's range ``[offset, offset + length)`` of the flat state tensor
+    (in-place updates persist); writing a 1-D tensor of ``length`` elements copies it into that range, creating
+    the flat tensor (zeros, ``numel`` elements, the value's dtype) on first use. Anything else is a per-tensor
+    scalar.
+    """
+
+    def __init__(self, flat_state: MutableMapping[str, Any], piece: TensorPiece, numel: int) -> None:
+        self._flat = flat_state
+        self._position = piece.position
+        self._offset = piece.offset
+        self._length = piece.segment.length
+        self._numel = numel
+
+    def _scalars(self, create: bool = False) -> dict[str, Any]:
+        if not create:
+            return self._flat.get(TENSORS_KEY, {}).get(self._position, {})
+        return self._flat.setdefault(TENSORS_KEY, {}).setdefault(self._position, {})
+
+    def _is_elementwise(self, value: Any) -> bool:
+        return torch.is_tensor(value) and value.dim() == 1 and value.numel() == self._numel
+
+    def __getitem__(self, key: str) -> Any:
+        scalars = self._scalars()
+        if key in scalars:
+            return scalars[key]
+        value = self._flat.get(key)
+        if self._is_elementwise(value):
+            return value.narrow(0, self._offset, self._length)
+        raise KeyError(key)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if not (torch.is_tensor(value) and value.dim() == 1):
+            self._scalars(create=True)[key] = value
+            return
+        if value.numel() != self._length:
+            raise ValueError(f"state {key!r} has {value.numel()} elements, the tensor's range has {self._length}")
+        flat = self._flat.get(key)
+        if flat is None:
+            flat = self._flat[key] = torch.zeros(self._numel, dtype=value.dtype, device=value.device)
+        if not self._is_elementwise(flat) or flat.dtype != value.dtype:
+            raise TypeError(
+                f"state {key!r} of this flat partition is {getattr(flat, 'dtype', type(flat))} with "
+                f"{getattr(flat, 'shape', '?')}; a {value.dtype} range of {self._numel} elements was expected"
+            )
+        flat.narrow(0, self._offset, self._length).copy_(value)
+
+    def __delitem__(self, key: str) -> None:
+        del self._scalars(create=True)[key]
+
+    def __iter__(self) -> Iterator[str]:
+        scalars = self._scalars()
+        yield from scalars
+        yield from (k for k, v in self._flat.items() if k not in scalars and self._is_elementwise(v))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+class FlatPartitionDistributor:
+    """Distributor (`mgup_dist.optim.distributor.Distributor`) over DeepSpeed's flat master partitions.
+
+    ``partitions``: every flat tensor DeepSpeed may put in ``param_groups``, with its pieces; ``ops`` resolves
+    the rules' requests over DeepSpeed's data-parallel group (`ShardedOps`).
+    """
+
+    sharded = True
+
+    def __init__(self, ops: TensorOps, partitions: Sequence[FlatPartition]) -> None:
+        self.ops = ops
+        self._partitions = {id(p.flat): p for p in partitions}
+
+    def segment_map(self, optimizer: torch.optim.Optimizer) -> dict[int, Segment]:
+        """Not available: the state is keyed by DeepSpeed's flat partitions, so save and load it with DeepSpeed
+        (``engine.save_checkpoint`` / ``engine.load_checkpoint``), not `mgup_dist.checkpoint`."""
+        raise TypeError(
+            "under DeepSpeed the optimizer state belongs to DeepSpeed's flat partitions: checkpoint with "
+            "engine.save_checkpoint / engine.load_checkpoint instead of mgup_dist.checkpoint"
+        )
+
+    def _partition(self, flat: torch.Tensor) -> FlatPartition:
+        partition = self._partitions.get(id(flat))
+        if partition is None or partition.flat is not flat:
+            raise RuntimeError(
+                f"DeepSpeed handed the optimizer a tensor of shape {tuple(flat.shape)} that is not one of the flat "
+                "partitions known at initialize; was the optimizer attached to another engine?"
+            )
+        if flat.grad is not None and flat.grad.shape != flat.shape:
+            raise RuntimeError(f"flat partition of shape {tuple(flat.shape)} has a gradient of shape {tuple(flat.grad.shape)}")
+        return partition
+
+    def slots(self, optimizer: torch.optim.Optimizer) -> Iterator[tuple[dict[str, Any], Slot]]:
+        for group in optimizer.param_groups:
+            for flat in group["params"]:
+                partition = self._partition(flat)
+                if flat.grad is None:
+                    continue
+                master, grad, state = flat.detach(), flat.grad, optimizer.state[flat]
+                for piece in partition.pieces:
+                    start, length = piece.offset, piece.segment.length
+                    yield group, Slot(
+                        param=master.narrow(0, start, length),
+                        grad=grad.narrow(0, start, length),
+                        state=PieceState(state, piece, flat.numel()),
+                        segment=piece.segment,
+                        allocate=lambda dtype, n=length, d=flat.device: torch.zeros(n, dtype=dtype, device=d),
+                    )

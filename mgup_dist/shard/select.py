@@ -1,0 +1,280 @@
+"""Exact top-k masks over tensors split across ranks: radix select with batched histogram all-reduces.
+
+`topk_masks(comm, requests)` answers every `TopKMask` request of one round (collective: all ranks call it
+with the same requests in the same order, each passing its own segments). The answer equals
+`mgup_dist.ops.select.topk_mask` on the gathered scores, bit for bit: the ``k`` largest scores, ties at the
+k-th value going to the lowest global flat indices, ``-0.0`` tying with ``+0.0``.
+
+Method (spec §6, "Exact distributed MGUP top-k"):
+
+1. Scores map to an order-preserving 32-bit key (`order_keys`): ``-0.0`` is canonicalised to ``+0.0`` by
+   adding ``0.0``, then the float's bits have all non-sign bits inverted when the sign bit is set, compared
+   as signed int32 (the spec's unsigned key minus 2**31).
+2. The k-th largest key is found one byte at a time, most significant first: each pass histograms the next
+   byte of the candidate keys (those matching the prefix found so far) into 256 bins, all-reduces the
+   histograms of **all requests of the round in one call**, and picks the bin holding the k-th largest.
+   Four passes of 256 bins rather than two of 65536: the reduced bytes stay ~1 KB per request and pass (not
+   256 KB), and the candidate set, compacted after every pass, shrinks fast. A request finishes early when
+   the chosen bin is taken whole (no tie straddles the cut).
+3. The mask is computed on the float scores: True above the threshold value ``T``; when the cut splits the
+   scores equal to ``T``, the remaining ``r`` slots go to the ties with the lowest global flat indices, from
+   an exclusive prefix count of ties over the ranks in flat-offset order (one all-gather of ``(lo, ties)``
+   pairs, batched over the requests).
+
+The first all-reduce also carries, per request, a non-finite flag (so NaN/inf raises `NonFiniteScoresError`
+on every rank at the same point, without desynchronising collectives) and a "held whole" flag. A rank cannot
+tell from an empty segment whether another rank holds the whole tensor, so every selecting request has bins
+in that first all-reduce; the holder sends zeros there and answers with the local `topk_mask`, and once the
+flags are known every rank drops the request. Collective volume is independent of k and of tensor sizes: per
+round of ``R`` requests, at most 4 all-reduces (the first of ``2·R + 256·(requests with 0 < k < numel)``
+counts, the others of ``256·(split requests still open)``; int32 counts, int64 once a tensor has 2**31
+elements) and at most one all-gather of ``2·(requests whose threshold ties straddle the cut)`` int64 values.
+
+Local work on CPU runs on zero-copy numpy views (torch 2.13's CPU integer, comparison and masking kernels are
+several times slower): key, top-byte histogram, one compaction, then passes over the few candidates left,
+and one comparison pass for the mask.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+
+from mgup_dist.ops.select import locate_ties, topk_mask
+from mgup_dist.rules.requests import NonFiniteScoresError, TopKMask
+from mgup_dist.shard.collectives import Collectives
+
+Values = Union[np.ndarray, torch.Tensor]  # numpy view of a CPU tensor, or the (device) tensor itself
+
+_BINS = 256
+_TOP_SHIFT = 24
+_KEY_OFFSET = 2**31  # unsigned key = signed key + 2**31
+_BLOCK = 1 << 16  # elements per block of the host key pass
+
+
+def _host(tensor: torch.Tensor) -> Values:
+    return tensor.numpy() if tensor.device.type == "cpu" else tensor
+
+
+def _flip_negative(bits: Values, scratch: Values | None = None) -> Values:
+    """In place: inverts the non-sign bits of negative int32 ``bits`` (an involution); ``scratch``: an int32
+    buffer of at least ``len(bits)`` elements to use for the sign mask."""
+    flip = bits >> 31 if scratch is None else np.right_shift(bits, 31, out=scratch[: len(bits)])
+    flip &= 0x7FFFFFFF
+    bits ^= flip
+    return bits
+
+
+def order_keys(scores: torch.Tensor) -> torch.Tensor:
+    """int32 keys of float32 ``scores`` whose signed order is the scores' order (``-0.0`` equal to ``+0.0``).
+
+    On the host the work goes block by block, so the temporaries stay in cache."""
+    scores = scores.detach()
+    if scores.device.type != "cpu":
+        return _flip_negative((scores + 0.0).view(torch.int32))
+    keys = torch.empty(scores.numel(), dtype=torch.int32)
+    values, out = scores.numpy(), keys.numpy()
+    scratch = np.empty(min(len(values), _BLOCK), dtype=np.int32)
+    for start in range(0, len(values), _BLOCK):
+        block = out[start : start + _BLOCK]
+        np.add(values[start : start + _BLOCK], np.float32(0.0), out=block.view(np.float32))
+        _flip_negative(block, scratch)
+    return keys
+
+
+def key_value(key: int) -> float:
+    """The float32 value whose `order_keys` key is the signed int ``key``."""
+    bits = _flip_negative(np.array([key], dtype=np.int32))
+    return float(bits.view(np.float32)[0])
+
+
+def _key_byte(keys: Values, shift: int) -> Values:
+    """Byte ``shift // 8`` of each key as the unsigned key's byte (uint8 on the host, int64 on devices)."""
+    if isinstance(keys, np.ndarray):
+        byte = shift // 8 if sys.byteorder == "little" else 3 - shift // 8
+        digits = keys.view(np.uint8).reshape(-1, 4)[:, byte].copy()
+    else:
+        digits = (keys >> shift).bitwise_and_(0xFF).long()
+    if shift == _TOP_SHIFT:
+        digits ^= 0x80  # the signed key's sign bit, as the unsigned key's top bit
+    return digits
+
+
+class _Selection:
+    """Radix-select state of one request whose tensor is split over ranks (``0 < k < numel``).
+
+    ``need`` counts the elements still to select among the candidates: the local keys matching the key prefix
+    ``low`` found so far (the bits above ``shift + 8``). Once ``done``, the threshold is the value of key
+    ``low`` and ``ties`` is None when every score ``>= T`` is selected, else how many of the scores equal to
+    ``T`` (the first, in global flat order) are.
+    """
+
+    def __init__(self, request: TopKMask) -> None:
+        self.request = request
+        self.candidates = _host(order_keys(request.scores))
+        self.digits: Values | None = None
+        self.need = request.k
+        self.low = 0
+        self.shift = _TOP_SHIFT
+        self.ties: int | None = None
+        self.done = False
+        self._local_ties: int | None = None
+
+    def histogram(self) -> torch.Tensor:
+        """Counts of the next key byte over this rank's candidates (256 bins, int64)."""
+        self.digits = _key_byte(self.candidates, self.shift)
+        digits = torch.from_numpy(self.digits) if isinstance(self.digits, np.ndarray) else self.digits
+        return torch.bincount(digits, minlength=_BINS)
+
+    def advance(self, digit: int, above: int, count: int) -> None:
+        """Takes the global choice: ``digit``'s bin holds the k-th largest, ``above`` candidates lie in higher
+        bins and ``count`` in that bin."""
+        self.need -= above
+        self.low |= digit << self.shift
+        if self.need == count:
+            self.done = True
+        elif self.shift == 0:
+            self.done, self.ties = True, self.need
+        else:
+            self.candidates = self.candidates[self.digits == digit]
+            self.shift -= 8
+        self.digits = None
+        if self.done:
+            self.candidates = self.candidates[:0]
+
+    @property
+    def threshold(self) -> float:
+        return key_value(self.low - _KEY_OFFSET)
+
+    def local_ties(self) -> int:
+        """How many local scores equal the threshold (counted once)."""
+        if self._local_ties is None:
+            values = _host(self.request.scores.detach())
+            lib = np if isinstance(values, np.ndarray) else torch
+            self._local_ties = int(lib.count_nonzero(values == self.threshold))
+        return self._local_ties
+
+    def mask(self, tie_offset: int) -> torch.Tensor:
+        """The answer, given the number of threshold ties held by ranks at lower flat offsets: ``>= T`` up to
+        the cut after the last selected local tie, ``> T`` from there on."""
+        scores, threshold = self.request.scores, self.threshold
+        mask = torch.empty(scores.numel(), dtype=torch.bool, device=scores.device)
+        values, out = _host(scores.detach()), _host(mask)
+        cut = len(values)
+        if self.ties is not None:
+            cut = locate_ties(values, threshold, min(max(self.ties - tie_offset, 0), self.local_ties()))
+        lib = np if isinstance(out, np.ndarray) else torch
+        lib.greater_equal(values[:cut], threshold, out=out[:cut])
+        lib.greater(values[cut:], threshold, out=out[cut:])
+        return mask
+
+
+def _choose_bins(hist: torch.Tensor, needs: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Per row of ``hist`` (R, 256): the bin holding the ``need``-th largest, the count above it, its count."""
+    hist = hist.to(torch.int64).cpu()
+    from_top = hist.flip(1).cumsum(1)
+    steps = (from_top < torch.tensor(needs, dtype=torch.int64).unsqueeze(1)).sum(1, keepdim=True)
+    digits = (_BINS - 1) - steps
+    counts = hist.gather(1, digits)
+    above = from_top.gather(1, steps) - counts
+    return list(zip(digits.view(-1).tolist(), above.view(-1).tolist(), counts.view(-1).tolist()))
+
+
+def _advance(selections: Sequence[_Selection], hist: torch.Tensor) -> None:
+    """Advances each selection by its row of the global histograms ``hist`` (len(selections), 256)."""
+    for selection, choice in zip(selections, _choose_bins(hist, [s.need for s in selections])):
+        selection.advance(*choice)
+
+
+def _finish(comm: Collectives, selections: Sequence[_Selection], dtype: torch.dtype) -> None:
+    """All-reduced radix passes until every selection is done (the same number of passes on every rank)."""
+    open_ = [s for s in selections if not s.done]
+    while open_:
+        hist = comm.all_reduce(torch.stack([s.histogram() for s in open_]).to(dtype))
+        _advance(open_, hist)
+        open_ = [s for s in open_ if not s.done]
+
+
+def _tie_offsets(comm: Collectives, selections: Sequence[_Selection]) -> dict[_Selection, int]:
+    """Per selection with split ties: the threshold ties held by ranks at lower flat offsets (one batched
+    all-gather of ``(lo, local ties)``; ranks with empty segments hold no ties, so their ``lo`` is moot)."""
+    if not selections:
+        return {}
+    device = selections[0].request.scores.device
+    mine = torch.tensor([[s.request.segment.lo, s.local_ties()] for s in selections], device=device)
+    every = comm.all_gather_scalars(mine.view(-1)).view(comm.world_size, len(selections), 2)
+    below = every[..., 0] < mine[:, 0].unsqueeze(0)
+    return dict(zip(selections, (every[..., 1] * below).sum(0).tolist()))
+
+
+def _check(requests: Sequence[TopKMask]) -> None:
+    for r in requests:
+        if r.scores.dtype != torch.float32:
+            raise TypeError(f"top-k scores of tensor {r.segment.index} must be float32, got {r.scores.dtype}")
+        if r.scores.dim() != 1 or r.scores.numel() != r.segment.length:
+            raise ValueError(
+                f"top-k scores of tensor {r.segment.index} have shape {tuple(r.scores.shape)}, expected "
+                f"({r.segment.length},) for segment [{r.segment.lo}, {r.segment.hi})"
+            )
+        if isinstance(r.k, bool) or not isinstance(r.k, int) or not 0 <= r.k <= r.segment.numel:
+            raise ValueError(f"k={r.k!r} outside [0, {r.segment.numel}] for tensor {r.segment.index}")
+
+
+def _nonfinite(scores: torch.Tensor) -> torch.Tensor:
+    """0-d bool: NaN or infinity in ``scores`` (one min/max reduction)."""
+    if scores.numel() == 0:
+        return torch.zeros((), dtype=torch.bool, device=scores.device)
+    return torch.stack(torch.aminmax(scores)).isfinite().all().logical_not()
+
+
+def _first_pass(
+    comm: Collectives, requests: Sequence[TopKMask], selections: dict[int, _Selection], dtype: torch.dtype
+) -> list[_Selection]:
+    """The first all-reduce: per request (non-finite, held whole) flags, then the top-byte histograms of the
+    selecting requests (zeros where this rank holds the tensor whole: it answers locally). Raises
+    `NonFiniteScoresError` on every rank if any rank saw NaN/inf; returns the selections of split tensors,
+    advanced by their histograms."""
+    device = requests[0].scores.device
+    nonfinite = torch.stack([_nonfinite(r.scores) for r in requests]).to(dtype)
+    whole = torch.tensor([r.segment.is_whole for r in requests], dtype=dtype, device=device)
+    selecting = [i for i, r in enumerate(requests) if 0 < r.k < r.segment.numel]
+    zeros = torch.zeros(_BINS, dtype=dtype, device=device)
+    hists = [selections[i].histogram().to(dtype) if i in selections else zeros for i in selecting]
+    reduced = comm.all_reduce(torch.cat([torch.stack([nonfinite, whole], 1).view(-1), *hists]))
+    header = reduced[: 2 * len(requests)].view(-1, 2).tolist()
+    bad = [r.segment.index for r, (flag, _) in zip(requests, header) if flag]
+    if bad:
+        raise NonFiniteScoresError(f"MGUP mask scores of tensors {bad} contain NaN or infinity (non-finite gradient?)")
+    rows = reduced[2 * len(requests) :].view(len(selecting), _BINS)
+    split = [(selections[i], row) for i, row in zip(selecting, rows) if not header[i][1]]
+    _advance([s for s, _ in split], torch.stack([row for _, row in split]) if split else rows[:0])
+    return [s for s, _ in split]
+
+
+def _answer(request: TopKMask, selection: _Selection | None, tie_offsets: dict[_Selection, int]) -> torch.Tensor:
+    if request.segment.is_whole:
+        return topk_mask(request.scores, request.k)
+    if selection is None or request.segment.length == 0:  # k = 0 or numel, or nothing held here
+        return torch.full_like(request.scores, request.k == request.segment.numel, dtype=torch.bool)
+    return selection.mask(tie_offsets.get(selection, 0))
+
+
+def topk_masks(comm: Collectives, requests: Sequence[TopKMask]) -> list[torch.Tensor]:
+    """Bool masks answering ``requests`` (see `TopKMask`); collective over ``comm``'s group.
+
+    A rank holding a request's tensor whole answers it with the local `topk_mask`; the others take part in
+    the radix passes of the split tensors. Request lists that differ between ranks desynchronise the group.
+    """
+    _check(requests)
+    if not requests:
+        return []
+    dtype = torch.int64 if max(r.segment.numel for r in requests) >= 2**31 else torch.int32
+    selections = {
+        i: _Selection(r) for i, r in enumerate(requests) if 0 < r.k < r.segment.numel and not r.segment.is_whole
+    }
+    split = _first_pass(comm, requests, selections, dtype)
+    _finish(comm, split, dtype)
+    offsets = _tie_offsets(comm, [s for s in split if s.ties is not None])
+    return [_answer(r, selections.get(i), offsets) for i, r in enumerate(requests)]

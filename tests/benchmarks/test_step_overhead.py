@@ -1,0 +1,15 @@
+"""Smoke test of the step-overhead benchmark on tiny GPT-2 shapes: it runs every optimizer and the two
+baselines, and writes its section of the results page (no timing assertions)."""
+from benchmarks.step_overhead import SECTION, TOPK_BASELINE, TORCH_ADAMW, main
+from mgup_dist.optim import OPTIMIZERS
+
+
+def test_runs_every_optimizer_and_writes_its_section(tmp_path) -> None:
+    out = tmp_path / "RESULTS.md"
+    out.write_text("# Benchmark results\n\n## Other\n\nkept\n")
+    report = main(["--small", "--steps", "1", "--threads", "1", "--out", str(out)])
+    rows = [line for line in report.splitlines() if line.startswith("| ") and not line.startswith("| optimizer")]
+    assert [row.split(" | ")[0][2:] for row in rows] == [TORCH_ADAMW, *OPTIMIZERS, TOPK_BASELINE]
+    text = out.read_text()
+    assert f"## {SECTION}\n" in text and "## Other\n\nkept" in text and report.splitlines()[0] in text
+    assert "python -m benchmarks.step_overhead --small --steps 1 --threads 1" in text

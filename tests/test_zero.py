@@ -1,0 +1,152 @@
+"""`ZeroEngine` trains a small model at W ranks to the same parameters as one process.
+
+The single-process reference runs inside rank 0 (same thread count, so per-micro-batch gradients are bitwise
+identical to the ranks'): it computes each rank's micro-batch gradient, averages them as the reduction does
+(sum in rank order, then divide by W), and steps a plain optimizer. At W=2 the sum of two operands is
+order-free, so elementwise, top-k and gathered Newton–Schulz paths must agree bit for bit; a float64 norm that
+crosses ranks (MARS) is held to 1e-6 relative.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import mgup_dist
+from mgup_dist.zero import RankRegions, ZeroEngine, build_layout
+from tests.distributed import run_distributed
+
+STEPS = 5
+BITWISE = ("adamw", "lion", "muon", "mgup_adamw", "cmgup_adamw", "mgup_lion", "mgup_muon", "alpha_adam")
+NORM_CROSSING = ("mars_adamw", "mars_m")
+
+
+class TinyLM(nn.Module):
+    """Embedding, two blocks with a conv-free MLP and LayerNorm, tied head: mixed 1-D/2-D shapes."""
+
+    def __init__(self, vocab: int = 29, dim: int = 12) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.up = nn.Linear(dim, 3 * dim)
+        self.down = nn.Linear(3 * dim, dim, bias=False)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        x = x + self.down(torch.relu(self.up(self.norm(x))))
+        return self.head(x)
+
+
+def _loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    logits = model(tokens[:, :-1])
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+
+def _build(name: str, seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = TinyLM()
+    family = name in ("muon", "mgup_muon", "mars_m")
+    params = mgup_dist.muon_param_groups(model) if family else model.parameters()
+    hp = {"ns_dtype": "float32"} if family else {}
+    if name not in ("lion", "mgup_lion"):
+        hp["weight_decay"] = 0.05
+    return model, mgup_dist.build_optimizer(name, params, lr=0.01, **hp)
+
+
+def _batches(world_size: int) -> list[list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1234)
+    return [[torch.randint(0, 29, (3, 9), generator=gen) for _ in range(world_size)] for _ in range(STEPS)]
+
+
+def _reference(name: str, world_size: int) -> list[torch.Tensor]:
+    model, opt = _build(name, seed=7)
+    for micro in _batches(world_size):
+        grads = []
+        for tokens in micro:
+            model.zero_grad(set_to_none=True)
+            _loss(model, tokens).backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+        for p, per_rank in zip(model.parameters(), zip(*grads)):
+            total = per_rank[0].clone()
+            for g in per_rank[1:]:
+                total += g
+            p.grad = total / world_size
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _train(rank: int, world_size: int, cases: list[tuple[str, int, str]]) -> list[tuple[list, list | None]]:
+    out = []
+    for name, stage, layout in cases:
+        model, opt = _build(name, seed=7)
+        engine = ZeroEngine(model, opt, stage=stage, layout=layout)
+        for micro in _batches(world_size):
+            engine.zero_grad()
+            _loss(model, micro[rank]).backward()
+            engine.step()
+        mine = [p.detach().clone() for p in model.parameters()]
+        out.append((mine, _reference(name, world_size) if rank == 0 else None))
+    return out
+
+
+def _compare(results: list, cases: list[tuple[str, int, str]]) -> None:
+    for case_index, (name, stage, layout) in enumerate(cases):
+        reference = results[0][case_index][1]
+        for rank, rank_results in enumerate(results):
+            params = rank_results[case_index][0]
+            for i, (got, want) in enumerate(zip(params, reference)):
+                where = f"{name} stage {stage} {layout} rank {rank} tensor {i}"
+                if name in NORM_CROSSING:
+                    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=where)
+                else:
+                    assert torch.equal(got, want), where
+
+
+@pytest.mark.parametrize("layout", ["flat", "layerwise"])
+def test_stage2_matches_single_process_every_optimizer(layout: str) -> None:
+    cases = [(name, 2, layout) for name in (*BITWISE, *NORM_CROSSING)]
+    _compare(run_distributed(2, _train, cases), cases)
+
+
+def test_stage1_matches_single_process() -> None:
+    cases = [(name, 1, layout) for name in ("mgup_adamw", "mgup_muon", "alpha_adam", "mars_m") for layout in ("flat", "layerwise")]
+    _compare(run_distributed(2, _train, cases), cases)
+
+
+def _train_three(rank: int, world_size: int) -> list:
+    return _train(rank, world_size, [("mgup_adamw", 2, "flat"), ("mgup_muon", 2, "flat")])
+
+
+def test_three_ranks_close_to_single_process() -> None:
+    """At W=3 the reduction's summation order is gloo's, so the match is to float tolerance."""
+    results = run_distributed(3, _train_three)
+    for case_index in range(2):
+        reference = results[0][case_index][1]
+        for rank_results in results:
+            for got, want in zip(rank_results[case_index][0], reference):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_rank_regions_round_trip() -> None:
+    shapes = [(5, 3), (7,), (1,), (2, 2, 2)]
+    tensors = [torch.randn(s) for s in shapes]
+    for layout in ("flat", "layerwise"):
+        regions = RankRegions(build_layout(shapes, 3, layout))
+        buffer = regions.pack(tensors, torch.float32)
+        assert buffer.numel() == 3 * regions.region
+        out = [torch.zeros(s) for s in shapes]
+        regions.unpack_into(buffer, out)
+        for a, b in zip(out, tensors):
+            assert torch.equal(a, b)
+
+
+def test_bad_arguments_fail_before_work() -> None:
+    model, opt = _build("adamw", seed=0)
+    with pytest.raises(ValueError, match="stage"):
+        ZeroEngine(model, opt, stage=3)
+    with pytest.raises(TypeError, match="mgup_dist optimizer"):
+        ZeroEngine(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="unknown ZeRO layout"):
+        build_layout([(2, 2)], 2, "diagonal")
