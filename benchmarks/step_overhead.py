@@ -198,7 +198,9 @@ def table(rows: list[tuple[str, int, float]]) -> str:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    parser.add_argument("--steps", type=int, default=5, help=f"timed steps per optimizer (Muon family: at most {SLOW_STEPS})")
+    parser.add_argument(
+        "--steps", type=int, default=5, help=f"timed steps per optimizer (Muon family: at most {SLOW_STEPS})"
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (Muon family: at most 1)")
     parser.add_argument("--small", action="store_true", help="a tiny GPT-2-shaped set, for smoke tests")
     parser.add_argument("--out", type=Path, help="markdown file whose step-overhead section is replaced")

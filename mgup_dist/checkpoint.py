@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+import sys
 from typing import Any, Mapping
 
 import torch
@@ -81,11 +82,23 @@ def _param_names(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[tup
     return out
 
 
+def _segment_map(optimizer: RuleOptimizer) -> dict[int, Segment]:
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    if dtensor is not None and any(
+        isinstance(p, dtensor.DTensor) for group in optimizer.param_groups for p in group["params"]
+    ):
+        raise TypeError(
+            f"{type(optimizer).__name__} steps FSDP2 (DTensor) parameters and keeps DTensor state: save and load it "
+            "with torch.distributed.checkpoint.state_dict.get_state_dict/set_state_dict (also reshardable)"
+        )
+    return optimizer.distributor.segment_map(optimizer)
+
+
 def optimizer_state_dict(optimizer: RuleOptimizer, model: nn.Module) -> dict[str, Any]:
     """The DCP-ready, reshardable state of ``optimizer`` (built over ``model``'s parameters). Collective when
     the optimizer's distributor is sharded."""
     distributor = optimizer.distributor
-    segments = distributor.segment_map(optimizer)
+    segments = _segment_map(optimizer)
     out: dict[str, Any] = {}
     for param, name in _param_names(optimizer, model):
         for key, value in optimizer.state[param].items():
@@ -132,7 +145,7 @@ def load_optimizer_state_dict(optimizer: RuleOptimizer, model: nn.Module, checkp
     when sharded. Raises `CheckpointMismatchError` if the checkpoint belongs to another model or grouping."""
     metadata = dcp.FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata
     distributor = optimizer.distributor
-    segments = distributor.segment_map(optimizer)
+    segments = _segment_map(optimizer)
     params = _param_names(optimizer, model)
     known = {f"{STATE_PREFIX}{name}." for _, name in params}
     stray = [k for k in metadata if k.startswith(STATE_PREFIX) and not any(k.startswith(p) for p in known)]

@@ -105,6 +105,15 @@ class _NoStep:
         return iter(())
 
 
+def skip_shm_build() -> None:
+    """Makes DeepSpeed's communication backend skip the JIT build of its shared-memory comm op (35-43 s once
+    per machine on CPU; the op only serves ``inference_all_reduce``, which then falls back to the process
+    group). Takes effect for the next initialisation of ``deepspeed.comm``: call it before ``zero.Init`` or
+    ``deepspeed.init_distributed`` when those come first; `initialize` calls it itself."""
+    # `import deepspeed.comm.torch as m` would bind torch itself (deepspeed.comm has a `torch` attribute).
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
 def _one_group(groups: list[Any]) -> Any:
     if any(group is not groups[0] for group in groups):
         raise ValueError("param groups on different data-parallel groups (MoE experts?) are not supported")
@@ -173,8 +182,7 @@ def initialize(
     check_supported(config)
     check_optimizer(optimizer)
     if not ours_settings.build_shm_comm_op:
-        # `import deepspeed.comm.torch as m` would bind torch itself (deepspeed.comm has a `torch` attribute).
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        skip_shm_build()
     previous, optimizer.distributor = optimizer.distributor, _NoStep()
     try:
         result = deepspeed.initialize(optimizer=optimizer, config=deepspeed_view(config), **call)

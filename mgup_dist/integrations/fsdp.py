@@ -52,7 +52,7 @@ SUPPORTED = (
     "(HSDP), or Replicate() only"
 )
 
-Request = TypeVar("Request", TensorSum, TopKMask, Orthogonalize)
+AnyRequest = TypeVar("AnyRequest", TensorSum, TopKMask, Orthogonalize)
 
 
 def _describe(param: torch.Tensor) -> str:
@@ -141,7 +141,7 @@ class RoutedOps:
         self.sharded: ShardedOps | None = None
         self.replicated = replicated
 
-    def _route(self, method: str, requests: Sequence[Request]) -> list[torch.Tensor]:
+    def _route(self, method: str, requests: Sequence[AnyRequest]) -> list[torch.Tensor]:
         answers: list[torch.Tensor | None] = [None] * len(requests)
         local = [i for i, r in enumerate(requests) if r.segment.index in self.replicated]
         spread = [i for i, r in enumerate(requests) if r.segment.index not in self.replicated]

@@ -98,6 +98,9 @@ def make_model(zero_init: dict[str, Any] | None = None) -> TinyGPT:
         return TinyGPT()
     import deepspeed
 
+    import mgup_dist.deepspeed
+
+    mgup_dist.deepspeed.skip_shm_build()  # zero.Init brings up deepspeed.comm before initialize does
     with deepspeed.zero.Init(config_dict_or_path=zero_init):
         return TinyGPT()
 

@@ -15,7 +15,8 @@ model on the same data (`tests.integrations.fsdp_harness`):
 - Optimizer state is DTensors placed like the parameters; a DCP checkpoint saved at W=2 loads at W=4 (1-D
   and HSDP meshes), holds the same state, and continues bitwise like the uninterrupted run.
 - Uneven dim-0 sizes (13, 18, 10, 6, 5 rows) and fewer rows than ranks (1) are part of the model; a plain
-  parameter mixed in is stepped locally; unsupported placements raise ValueError before any step.
+  parameter mixed in, and ``Replicate()`` DTensors beside a ``Shard(0)`` one, are stepped locally and match
+  too; unsupported placements raise ValueError (at construction, or at the step for a misplaced gradient).
 """
 from __future__ import annotations
 

@@ -143,6 +143,21 @@ def test_torch_path_with_small_blocks(kind: str, n: int, seed: int) -> None:
             assert_exact(scores, k)
 
 
+@pytest.mark.parametrize("kind", ["products", "zeros", "few", "block"])
+def test_passes_split_across_threads(kind: str, monkeypatch: pytest.MonkeyPatch, small_blocks: None) -> None:
+    """Three threads per pass (parts of unequal block counts): the same masks as the oracle."""
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(select, "PARALLEL_FROM", 10_000)
+    torch.set_num_threads(3)
+    try:
+        scores = make_scores(kind, 30_001, seed=4)
+        assert len(select._ranges(scores.numpy())) == 3
+        for k in k_values(scores.numel(), scores, seed=4):
+            assert_exact(scores, k)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("n", [0, 1, 2])
 def test_tiny_tensors_every_k(n: int) -> None:
     for values in ([], [0.5], [-0.0, 0.0], [0.0, -0.0], [1.0, 2.0], [2.0, 1.0], [3.0, 3.0]):
@@ -167,7 +182,9 @@ def test_signed_zeros_tie_by_index() -> None:
         (lambda v: v[:4096] * 0 + 0.3, True),  # a value that is not even a score
     ],
 )
-def test_exact_whatever_the_sample(bad_pool, misleading: bool, monkeypatch: pytest.MonkeyPatch, small_blocks: None) -> None:
+def test_exact_whatever_the_sample(
+    bad_pool, misleading: bool, monkeypatch: pytest.MonkeyPatch, small_blocks: None
+) -> None:
     passes: list[int] = []
     original = select._count_pass
 

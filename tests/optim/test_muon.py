@@ -14,6 +14,7 @@ VARIANTS = [
     ("mgup_muon", {"mask_ratio": 0.7, "alpha": 1.5, "gamma": 0.5, "adamw_betas": (0.9, 0.95)}),
     ("mars_m", {}),
     ("mars_m", {"gamma": 0.1, "momentum": 0.9}),
+    ("mgup_muon", {"nesterov": False, "mask_ratio": 0.3}),
 ]
 
 
@@ -27,7 +28,8 @@ def test_matches_float64_reference_with_float32_newton_schulz(name: str, hparams
 
 @pytest.mark.parametrize("name, hparams", VARIANTS[::2])
 def test_matches_float64_reference_with_default_bfloat16_newton_schulz(name: str, hparams: dict) -> None:
-    """Default bf16 NS: each step's NS output is within ~1e-2 relative; the 5-step displacement within 6e-2."""
+    """Default bf16 NS: its output differs from fp64 NS by ~3–5e-2 relative (tests/rules/test_newton_schulz.py),
+    so the 5-step displacement is compared at 6e-2; a flipped mask decision would cost far more."""
     errors = reference_errors(name, **COMMON, **hparams)
     assert max(errors) <= 6e-2, errors
 

@@ -10,7 +10,7 @@ import torch
 
 from mgup_dist.optim import AdamW
 from mgup_dist.shard.distributor import LocalShard, ShardedDistributor, ShardedTensors, gather_full
-from mgup_dist.shard.layout import ShardLayout, flat_layout
+from mgup_dist.shard.layout import flat_layout
 from mgup_dist.shard.segment import Segment
 
 

@@ -142,10 +142,15 @@ def _sharded_results(world_size: int) -> tuple[dict, ...]:
     return tuple(run_distributed(world_size, _sharded_runs, _cases(), _plans(world_size)))
 
 
+@functools.lru_cache(maxsize=None)
+def _single_process_results() -> tuple[dict[str, list[torch.Tensor]], ...]:
+    """Per case: each optimizer's final parameters in one process (the normal `LocalDistributor` path)."""
+    return tuple({name: _run(name, case) for name in OPTIMIZERS} for case in _cases())
+
+
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_sharded_parameters_equal_single_process(world_size: int) -> None:
-    cases = _cases()
-    expected = [{name: _run(name, case) for name in OPTIMIZERS} for case in cases]
+    cases, expected = _cases(), _single_process_results()
     results = _sharded_results(world_size)
     first, last = results[0]["params"], results[-1]["params"]
     for (c, layout), got_first, got_last in zip(_plans(world_size), first, last):
