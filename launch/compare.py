@@ -19,7 +19,7 @@ from typing import Any, NoReturn, Optional, Sequence
 
 from launch import pretrain
 from launch.config import load_config
-from launch.errors import LaunchError
+from launch.errors import LaunchError, exit_status
 from launch.metrics import read_metrics
 from launch.plots import plot_compare
 
@@ -99,12 +99,7 @@ def compare(args: argparse.Namespace) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry; returns the exit status (2 for usage/config errors and failed runs)."""
-    try:
-        print(compare(parse_args(argv)), end="")
-    except LaunchError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    return exit_status(lambda: print(compare(parse_args(argv)), end=""))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from launch.backends import backend_class
 from launch.config import RunConfig, config_to_dict, load_config, parse_config
 from launch.corpus import load_corpus
 from launch.dist_env import configure_threads, detect, init_process_group, shutdown
-from launch.errors import LaunchError
+from launch.errors import LaunchError, exit_status
 from launch.metrics import write_json
 from launch.trainer import RunPlan, Trainer
 
@@ -149,12 +149,7 @@ def run(plan: RunPlan) -> dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry; returns the exit status (2 for usage/config errors)."""
-    try:
-        run(plan_run(parse_args(argv)))
-    except LaunchError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    return exit_status(lambda: run(plan_run(parse_args(argv))))
 
 
 if __name__ == "__main__":

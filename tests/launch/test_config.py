@@ -35,7 +35,7 @@ def test_one_tiny_config_per_optimizer_and_the_quickstart() -> None:
     for name in OPTIMIZERS:
         assert load_config(REPO / "configs" / f"tiny_{name}.json").optimizer.name == name
     quick = load_config(REPO / "configs" / "quickstart.json")
-    assert (quick.optimizer.name, quick.model.size, quick.backend) == ("mgup_adamw", "tiny", "ddp")
+    assert (quick.optimizer.name, quick.model.size, quick.backend) == ("mgup_adamw", "tiny", "zero")
     assert quick.batch.split(2)[1] >= 1
 
 
