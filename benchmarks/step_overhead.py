@@ -14,10 +14,12 @@ and c_proj 3072x768 (each with a bias) and two LayerNorms, and a final LayerNorm
 normals, with the embedding rows of tokens absent from a batch (`ABSENT_TOKENS` of the vocabulary) zero, as
 in training: zero gradients give zero MGUP scores and so the tie-heavy path of the selection.
 
-Each optimizer takes ``--warmup`` untimed steps, then its timed steps; the table reports the median. The
-Muon family (Newton–Schulz of every block matrix, slow on a few CPU threads) is timed for at most
-`SLOW_STEPS` steps after one warm-up step, so a full run stays within a few minutes; the table shows the
-counts. Wall-clock times on a shared machine include other processes' load (the load average is recorded).
+Each optimizer takes ``--warmup`` untimed steps, then its timed steps; the table reports the median. All
+but the Muon family are built side by side (about 9 GB of state for GPT-2 small) and timed in rounds, one
+step of each per round, so changes in the machine's load hit them alike. The Muon family (Newton–Schulz of
+every block matrix, slow on a few CPU threads) is timed alone for at most `SLOW_STEPS` steps after one
+warm-up step, so a full run stays within a few minutes; the table shows the counts. Wall-clock times on a
+shared machine include other processes' load (the load average is recorded).
 """
 from __future__ import annotations
 
@@ -122,8 +124,11 @@ def optimizer_factories(model: nn.Module) -> dict[str, Callable[[], torch.optim.
         return optimizer
 
     def ours(name: str) -> Callable[[], torch.optim.Optimizer]:
-        matrix_path = issubclass(OPTIMIZERS[name], MuonFamily)
-        return lambda: build_optimizer(name, muon_param_groups(model) if matrix_path else model.parameters())
+        def build() -> torch.optim.Optimizer:
+            params = muon_param_groups(model) if in_muon_family(name) else model.parameters()
+            return build_optimizer(name, params)
+
+        return build
 
     factories: dict[str, Callable[[], torch.optim.Optimizer]] = {
         TORCH_ADAMW: lambda: torch.optim.AdamW(model.parameters(), foreach=True),
@@ -133,16 +138,16 @@ def optimizer_factories(model: nn.Module) -> dict[str, Callable[[], torch.optim.
     return factories
 
 
-def time_steps(optimizer: torch.optim.Optimizer, warmup: int, steps: int) -> list[float]:
-    """Seconds of each of ``steps`` timed steps after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        optimizer.step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        optimizer.step()
-        times.append(time.perf_counter() - start)
-    return times
+def timed_step(optimizer: torch.optim.Optimizer) -> float:
+    start = time.perf_counter()
+    optimizer.step()
+    return time.perf_counter() - start
+
+
+def in_muon_family(name: str) -> bool:
+    """Muon, MGUP-Muon, MARS-M: built over `muon_param_groups`; Newton–Schulz of every block matrix
+    dominates their step."""
+    return name in OPTIMIZERS and issubclass(OPTIMIZERS[name], MuonFamily)
 
 
 def cpu_name() -> str:
@@ -160,18 +165,30 @@ def load_average() -> str:
 
 def measure(shape: Shape, steps: int, warmup: int) -> tuple[int, list[tuple[str, int, float]]]:
     """The parameter count, and ``(optimizer, timed steps, median seconds)`` per optimizer in
-    `optimizer_factories` order."""
+    `optimizer_factories` order. The optimizers other than the Muon family live side by side and are timed
+    in rounds (one step of each per round), so a change in the machine's load hits them alike; the Muon
+    family is timed one optimizer at a time, for at most `SLOW_STEPS` steps after one warm-up step."""
     model = GPT2Parameters(shape)
     set_gradients(model)
-    rows = []
-    for name, factory in optimizer_factories(model).items():
-        slow = name in OPTIMIZERS and issubclass(OPTIMIZERS[name], MuonFamily)
-        count = min(steps, SLOW_STEPS) if slow else steps
-        optimizer = factory()
-        times = time_steps(optimizer, min(warmup, 1) if slow else warmup, count)
-        rows.append((name, count, statistics.median(times)))
-        print(f"{name:32s} {count:2d} steps  median {rows[-1][2] * 1e3:9.1f} ms", file=sys.stderr, flush=True)
+    factories = optimizer_factories(model)
+    times: dict[str, list[float]] = {name: [] for name in factories}
+    side_by_side = {name: factory() for name, factory in factories.items() if not in_muon_family(name)}
+    for optimizer in side_by_side.values():
+        for _ in range(warmup):
+            optimizer.step()
+    for _ in range(steps):
+        for name, optimizer in side_by_side.items():
+            times[name].append(timed_step(optimizer))
+    del side_by_side
+    for name in filter(in_muon_family, factories):
+        optimizer = factories[name]()
+        for _ in range(min(warmup, 1)):
+            optimizer.step()
+        times[name] = [timed_step(optimizer) for _ in range(min(steps, SLOW_STEPS))]
         del optimizer
+    rows = [(name, len(times[name]), statistics.median(times[name])) for name in factories]
+    for name, count, seconds in rows:
+        print(f"{name:32s} {count:2d} steps  median {seconds * 1e3:9.1f} ms", file=sys.stderr, flush=True)
     return sum(p.numel() for p in model.parameters()), rows
 
 

@@ -150,3 +150,44 @@ def test_bad_arguments_fail_before_work() -> None:
         ZeroEngine(model, torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(ValueError, match="unknown ZeRO layout"):
         build_layout([(2, 2)], 2, "diagonal")
+
+
+def _bf16_master(rank: int, world_size: int, name: str) -> tuple[list, list | None]:
+    """A bf16 model with fp32 master segments, against a reference that keeps an fp32 master copy, steps it on
+    the fp32 average of the ranks' bf16 gradients, and casts the result back to bf16."""
+    model, opt = _build(name, seed=7)
+    model.to(torch.bfloat16)
+    engine = ZeroEngine(model, opt, stage=2, layout="flat", master_dtype=torch.float32)
+    for micro in _batches(world_size):
+        engine.zero_grad()
+        _loss(model, micro[rank]).backward()
+        engine.step()
+    mine = [p.detach().clone() for p in model.parameters()]
+    if rank:
+        return mine, None
+    ref_model, _ = _build(name, seed=7)
+    ref_model.to(torch.bfloat16)
+    master = [nn.Parameter(p.detach().float()) for p in ref_model.parameters()]
+    _, ref_opt = _build(name, seed=7)
+    ref_opt = type(ref_opt)(master, **{k: v for k, v in ref_opt.defaults.items()})
+    for micro in _batches(world_size):
+        grads = []
+        for tokens in micro:
+            ref_model.zero_grad(set_to_none=True)
+            _loss(ref_model, tokens).backward()
+            grads.append([p.grad.float() for p in ref_model.parameters()])
+        for m, per_rank in zip(master, zip(*grads)):
+            m.grad = (per_rank[0] + per_rank[1]) / world_size
+        ref_opt.step()
+        with torch.no_grad():
+            for p, m in zip(ref_model.parameters(), master):
+                p.copy_(m)
+    return mine, [p.detach().clone() for p in ref_model.parameters()]
+
+
+@pytest.mark.parametrize("name", ["mgup_adamw", "alpha_adam"])
+def test_bf16_model_with_fp32_master_matches_reference(name: str) -> None:
+    (mine0, reference), (mine1, _) = run_distributed(2, _bf16_master, name)
+    for got0, got1, want in zip(mine0, mine1, reference):
+        assert got0.dtype == torch.bfloat16
+        assert torch.equal(got0, want) and torch.equal(got1, want)

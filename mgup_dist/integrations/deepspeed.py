@@ -9,8 +9,9 @@ What `initialize` does around ``deepspeed.initialize``:
 
 1. reads the config (a dict, a path, or ``args.deepspeed_config``) and, if its optimizer block names one of our
    optimizers, builds it over the model's real parameters: ``model_parameters`` when given, else
-   ``muon_param_groups(model)`` for the Muon family and the trainable parameters otherwise (a `RuleOptimizer`
-   passed as ``optimizer=`` is used as is);
+   ``muon_param_groups(model)`` for the Muon family and the trainable parameters otherwise. A `RuleOptimizer`
+   passed as ``optimizer=`` (or returned by a callable passed there) is used as is; as with DeepSpeed, it
+   overrides a DeepSpeed optimizer block in the config;
 2. hands DeepSpeed the instance and a copy of the config without our blocks, with
    ``zero_allow_untested_optimizer`` set; by default it skips DeepSpeed's JIT build of the shared-memory comm
    op, which only ``inference_all_reduce`` uses (see `Settings.build_shm_comm_op`);
@@ -20,7 +21,10 @@ What `initialize` does around ``deepspeed.initialize``:
    rank's segments (`deepspeed_layout`, `deepspeed_state`), with the tensor-wide operations (top-k, sums,
    Newton-Schulz) over DeepSpeed's data-parallel group.
 
-Configs without one of our optimizers pass through to ``deepspeed.initialize`` unchanged. Supported: ZeRO
+DeepSpeed semantics stay DeepSpeed's: it averages (and, with ``gradient_clipping``, clips) the gradients before
+our step, and at ZeRO stages 1-3 a parameter without a gradient is stepped with a zero gradient (DeepSpeed
+fills it in), where a single process would skip it. Configs without one of our optimizers pass through to
+``deepspeed.initialize`` unchanged. Supported: ZeRO
 stages 0-3, fp32 and bf16 (also bf16 with fp32 gradient accumulation), under torchrun, the deepspeed launcher
 and mpirun. Not supported (a clear error): fp16, ZeRO offload, ZenFlow, MoE expert groups, MARS exact mode.
 """
@@ -34,7 +38,7 @@ import torch
 from torch import nn
 
 from mgup_dist.integrations.deepspeed_config import (
-    SECTION, Settings, check_supported, deepspeed_view, load_config, optimizer_spec, settings,
+    SECTION, OptimizerSpec, Settings, check_supported, deepspeed_view, load_config, optimizer_spec, settings,
 )
 from mgup_dist.integrations.deepspeed_layout import (
     FlatPartition, bf16_partitions, check_cover, zero12_partitions, zero3_partitions,
@@ -132,14 +136,21 @@ def _wrappers() -> dict[type, tuple[Callable[[Any], list[FlatPartition]], str]]:
     }
 
 
-def attach(wrapper: Any, optimizer: RuleOptimizer, config: Settings = Settings()) -> None:
+def attach(wrapper: Any, optimizer: RuleOptimizer, options: Settings = Settings()) -> None:
     """Points ``optimizer`` (the client optimizer DeepSpeed wrapped) at the partitions of ``wrapper``
-    (``engine.optimizer``). Collective over DeepSpeed's data-parallel group for the sharded wrappers: it checks
-    that the ranks' segments cover every parameter exactly once."""
+    (``engine.optimizer``), with our ``options`` (the config's ``"mgup_dist"`` section). Collective over
+    DeepSpeed's data-parallel group for the sharded wrappers: it checks that the ranks' segments cover every
+    parameter exactly once.
+
+    `initialize` calls it. An mgup_dist optimizer handed to plain ``deepspeed.initialize`` without it refuses to
+    step DeepSpeed's flat partitions (they were never added to it); attaching afterwards still misses the
+    suspension of `initialize`'s step 3 (bf16 at ZeRO-0)."""
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 
     if wrapper is optimizer or (type(wrapper) is FP16_UnfusedOptimizer and wrapper.optimizer is optimizer):
-        optimizer.distributor = LocalDistributor()  # ZeRO-0: whole (averaged) gradients on every rank
+        # ZeRO-0: whole (averaged) gradients on every rank; bf16 swaps in fp32 clones of the same shapes.
+        optimizer.registered_params.update(id(p) for group in optimizer.param_groups for p in group["params"])
+        optimizer.distributor = LocalDistributor()
         return
     entry = _wrappers().get(type(wrapper))
     if entry is None or getattr(wrapper, "optimizer", None) is not optimizer:
@@ -147,9 +158,21 @@ def attach(wrapper: Any, optimizer: RuleOptimizer, config: Settings = Settings()
     build, groups_attribute = entry
     comm = Collectives(_one_group(list(getattr(wrapper, groups_attribute))))
     partitions = build(wrapper)
-    check_cover(partitions, comm)
-    ops = ShardedOps(comm, DistributedOrthogonalizer(comm, config.gather_max_numel))
-    optimizer.distributor = FlatPartitionDistributor(ops, partitions)
+    layout = check_cover(partitions, comm)
+    ops = ShardedOps(comm, DistributedOrthogonalizer(comm, options.gather_max_numel))
+    optimizer.distributor = FlatPartitionDistributor(ops, partitions, layout)
+
+
+def _client_optimizer(spec: OptimizerSpec | None, optimizer: Any, model: nn.Module, params: Any) -> Any:
+    """The optimizer to hand DeepSpeed: built from the config's ``spec``, else the caller's. A callable is
+    called here, with what DeepSpeed would pass it, so that an mgup_dist optimizer it returns gets attached."""
+    if spec is not None:
+        if optimizer is not None:
+            raise ValueError(f"the config selects {spec.cls.__name__} and an optimizer was passed too; pass only one")
+        return spec.build(params if params is not None else default_params(spec.cls, model))
+    if callable(optimizer) and not isinstance(optimizer, torch.optim.Optimizer):
+        return optimizer(params if params is not None else model.parameters())
+    return optimizer
 
 
 def initialize(
@@ -164,16 +187,13 @@ def initialize(
     """``deepspeed.initialize`` (same arguments and result) with mgup_dist optimizers; see the module docstring."""
     import deepspeed
 
+    if model is None:
+        raise ValueError("deepspeed.initialize requires a model")
     config, args = _resolve_config(args, config, config_params)
     spec, ours_settings = optimizer_spec(config), settings(config)
     if model_parameters is not None:
         model_parameters = list(model_parameters)
-    if spec is not None:
-        if optimizer is not None:
-            raise ValueError(f"the config selects {spec.cls.__name__} and an optimizer was passed too; pass only one")
-        if model is None and model_parameters is None:
-            raise ValueError(f"building {spec.cls.__name__} from the config needs the model")
-        optimizer = spec.build(model_parameters if model_parameters is not None else default_params(spec.cls, model))
+    optimizer = _client_optimizer(spec, optimizer, model, model_parameters)
     call = dict(args=args, model=model, model_parameters=model_parameters, **kwargs)
     if not isinstance(optimizer, RuleOptimizer):
         if SECTION in config:

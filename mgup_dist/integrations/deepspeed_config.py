@@ -108,7 +108,9 @@ def optimizer_spec(config: Mapping[str, Any]) -> OptimizerSpec | None:
     if block is None:
         return None
     if not isinstance(block, Mapping) or "type" not in block:
-        raise ValueError(f"the optimizer block must be an object with a 'type', got {block!r}; valid: {_valid_choices()}")
+        raise ValueError(
+            f"the optimizer block must be an object with a 'type', got {block!r}; valid: {_valid_choices()}"
+        )
     unknown = sorted(set(block) - {"type", "params"})
     if unknown:
         raise ValueError(f"unknown key(s) {unknown} in the optimizer block; valid: ['params', 'type']")

@@ -16,8 +16,9 @@ elements start in the flat tensor. The schemes, read from each wrapper's own boo
   parameters' padded parts (`even_split_pieces`). Shapes come from ``ds_shape``: under ``zero.Init`` the
   parameters themselves are 1-D.
 
-DeepSpeed's per-parameter ``_hp_mapping`` is not used: at ZeRO-1/2 it assumes ``bit16_groups`` order, which
-``round_robin_gradients`` breaks (the flat buffer follows the round-robin order).
+DeepSpeed's per-parameter ``_hp_mapping`` is not used: at ZeRO-1/2 without alignment padding it places the
+parameters in ``bit16_groups`` order, which ``round_robin_gradients`` breaks (the flat buffer follows the
+round-robin order), so there DeepSpeed's own ``safe_get_full_fp32_param`` reads the wrong ranges.
 """
 from __future__ import annotations
 
@@ -104,7 +105,8 @@ def zero12_partitions(zero: Any) -> list[FlatPartition]:
     """Flat partitions of a ZeRO-1/2 ``DeepSpeedZeroOptimizer``."""
     partitions, index = [], 0
     for g, params in enumerate(zero.bit16_groups):
-        placed = {id(p): offset for p, offset in zip(zero.round_robin_bit16_groups[g], zero.round_robin_bit16_offsets[g])}
+        order, offsets = zero.round_robin_bit16_groups[g], zero.round_robin_bit16_offsets[g]
+        placed = {id(p): offset for p, offset in zip(order, offsets)}
         size = int(zero.partition_size[g])
         rank = dist.get_rank(group=zero.real_dp_process_group[g])
         shapes = [logical_shape(p) for p in params]

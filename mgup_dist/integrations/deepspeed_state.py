@@ -8,9 +8,9 @@ same collective calls.
 
 State layout (`PieceState`). ``optimizer.state[flat]`` is DeepSpeed's layout: every per-element state tensor
 (``exp_avg``, ``momentum_buffer``, MARS's ``last_grad``, ...) is one flat tensor of the partition's length, of
-which each logical tensor uses its own range. DeepSpeed's checkpointing (``engine.save_checkpoint`` /
-``load_checkpoint``, padding removal, elastic resharding) and ``safe_get_full_optimizer_state`` therefore work
-on it unchanged. Per-tensor scalars (the ``step`` counter, AlphaAdam's ``alpha_bar``) are kept under
+which each logical tensor uses its own range (a key only some tensors of a group use, as in a group mixing the
+Muon and AdamW paths, still spans the whole partition). DeepSpeed's checkpointing (``engine.save_checkpoint``
+/ ``load_checkpoint``) and ``safe_get_full_optimizer_state`` therefore work on it unchanged. Per-tensor scalars (the ``step`` counter, AlphaAdam's ``alpha_bar``) are kept under
 ``optimizer.state[flat]["mgup_dist.tensors"][position]``; every rank steps every tensor of a group, so these
 are identical on all ranks. A key shared by several tensors of one partition must have one dtype (all
 master gradients are fp32, so rules ask for fp32 or float64 consistently).
@@ -21,9 +21,10 @@ from typing import Any, Iterator, MutableMapping, Sequence
 
 import torch
 
-from mgup_dist.ops.base import TensorOps
 from mgup_dist.integrations.deepspeed_layout import FlatPartition, TensorPiece
+from mgup_dist.ops.base import TensorOps
 from mgup_dist.rules.slot import Slot
+from mgup_dist.shard.layout import ShardLayout
 from mgup_dist.shard.segment import Segment
 
 TENSORS_KEY = "mgup_dist.tensors"
@@ -94,13 +95,15 @@ class FlatPartitionDistributor:
     """Distributor (`mgup_dist.optim.distributor.Distributor`) over DeepSpeed's flat master partitions.
 
     ``partitions``: every flat tensor DeepSpeed may put in ``param_groups``, with its pieces; ``ops`` resolves
-    the rules' requests over DeepSpeed's data-parallel group (`ShardedOps`).
+    the rules' requests over DeepSpeed's data-parallel group (`ShardedOps`); ``layout``: all ranks' segments
+    (`ShardLayout`, tensors numbered as the segments' ``index``), for inspection.
     """
 
     sharded = True
 
-    def __init__(self, ops: TensorOps, partitions: Sequence[FlatPartition]) -> None:
+    def __init__(self, ops: TensorOps, partitions: Sequence[FlatPartition], layout: ShardLayout) -> None:
         self.ops = ops
+        self.layout = layout
         self._partitions = {id(p.flat): p for p in partitions}
 
     def segment_map(self, optimizer: torch.optim.Optimizer) -> dict[int, Segment]:
@@ -119,7 +122,9 @@ class FlatPartitionDistributor:
                 "partitions known at initialize; was the optimizer attached to another engine?"
             )
         if flat.grad is not None and flat.grad.shape != flat.shape:
-            raise RuntimeError(f"flat partition of shape {tuple(flat.shape)} has a gradient of shape {tuple(flat.grad.shape)}")
+            raise RuntimeError(
+                f"flat partition of shape {tuple(flat.shape)} has a gradient of shape {tuple(flat.grad.shape)}"
+            )
         return partition
 
     def slots(self, optimizer: torch.optim.Optimizer) -> Iterator[tuple[dict[str, Any], Slot]]:

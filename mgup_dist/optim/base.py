@@ -26,13 +26,14 @@ class RuleOptimizer(torch.optim.Optimizer):
         check_unknown(hparams, self.DEFAULTS, type(self).__name__)
         defaults = {**self.DEFAULTS, **hparams}
         validate_group(defaults)
-        self._constructor_hparams = dict(defaults)
+        self.registered_params: set[int] = set()
         self.distributor: Distributor = LocalDistributor()
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        self.registered_params.update(id(p) for p in group["params"])
         validate_group(group)
         self.prepare_group(group)
         self.distributor = distributor_for(self.distributor, group["params"])

@@ -53,9 +53,17 @@ class LocalDistributor:
 
     def slots(self, optimizer: torch.optim.Optimizer) -> Iterator[tuple[dict[str, Any], Slot]]:
         index = 0
+        registered = getattr(optimizer, "registered_params", None)
         for group in optimizer.param_groups:
             for param in group["params"]:
                 index += 1
+                if registered is not None and id(param) not in registered:
+                    raise RuntimeError(
+                        f"{type(optimizer).__name__} holds a tensor of shape {tuple(param.shape)} that was never added "
+                        "through add_param_group: an engine replaced its parameters (e.g. DeepSpeed ZeRO's flat "
+                        "partitions), so per-tensor masks and Newton-Schulz would see the wrong tensors. Use "
+                        "mgup_dist.deepspeed.initialize (or ZeroEngine / FSDP2) instead of handing the optimizer over"
+                    )
                 if param.grad is None:
                     continue
                 if param.grad.is_sparse:

@@ -57,23 +57,21 @@ def sign_factors(
     return factors.copy_(torch.where(selected, *values))
 
 
-_CPU_BLOCK = 1 << 18  # elements per block when building factors on CPU: the three passes stay in cache
+_CPU_BLOCK = 1 << 20  # elements per block on CPU: the second pass then reads the first's output from cache
 
 
 def _clamped_factors(
     selected: torch.Tensor, high: float, low: float, span: float, factors: torch.Tensor
 ) -> torch.Tensor:
     """``factors`` ← ``high`` where ``selected`` else ``low`` (both exact in ``factors.dtype``, at most ``span``
-    in magnitude): the 0/1 selection maps exactly to ``±span`` (a power of two), and clamping that to
-    ``[min, max]`` of the two values returns them unchanged. On CPU this runs block by block, so the
-    factors are written to memory once."""
+    in magnitude), in two passes: the 0/1 selection maps exactly to ``±span`` (a power of two), and clamping
+    that to ``[min, max]`` of the two values returns them unchanged. On CPU the passes go block by block."""
     sign = 1.0 if high >= low else -1.0  # selected -> sign*span, the rest -> -sign*span
     offset = torch.tensor(-sign * span, dtype=factors.dtype, device=factors.device)
     flat, bits = factors.view(-1), selected.reshape(-1).view(torch.uint8)
     size = _CPU_BLOCK if factors.device.type == "cpu" else max(flat.numel(), 1)
     for block, chosen in zip(flat.split(size), bits.split(size)):
-        block.copy_(chosen)
-        torch.add(offset, block, alpha=2 * sign * span, out=block)
+        torch.add(offset, chosen, alpha=2 * sign * span, out=block)
         block.clamp_(min(high, low), max(high, low))
     return factors
 

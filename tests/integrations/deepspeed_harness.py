@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,9 @@ STEPS = 5
 SEED = 7
 # The harness's batch shape, and no gradient clipping: DeepSpeed's clipping norm is a float sum across ranks
 # (its own arithmetic, not ours), which would make the comparison approximate for every optimizer.
-RUN_OVERRIDES = {"train_micro_batch_size_per_gpu": MICRO_BATCH, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0}
+RUN_OVERRIDES = {
+    "train_micro_batch_size_per_gpu": MICRO_BATCH, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
+}
 
 
 class Block(nn.Module):
@@ -108,7 +111,9 @@ def make_model(zero_init: dict[str, Any] | None = None) -> TinyGPT:
 def batches(world_size: int) -> list[list[torch.Tensor]]:
     """``STEPS`` steps of one ``(MICRO_BATCH, TIME)`` token batch per rank."""
     gen = torch.Generator().manual_seed(99)
-    return [[torch.randint(0, VOCAB, (MICRO_BATCH, TIME), generator=gen) for _ in range(world_size)] for _ in range(STEPS)]
+    return [
+        [torch.randint(0, VOCAB, (MICRO_BATCH, TIME), generator=gen) for _ in range(world_size)] for _ in range(STEPS)
+    ]
 
 
 def load(name_or_config: str | dict[str, Any]) -> dict[str, Any]:
@@ -158,31 +163,70 @@ def _masters(engine: Any) -> list[torch.Tensor] | None:
     return [safe_get_full_fp32_param(p).detach().clone() for p in params]
 
 
+def _exp_avg(engine: Any) -> list[torch.Tensor] | None:
+    """Every parameter's whole ``exp_avg`` through DeepSpeed's ``safe_get_full_optimizer_state`` (ZeRO 1-3, no
+    round robin, Adam-family optimizers), else None."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    if engine.zero_optimization_stage() == 0 or engine.zero_round_robin_gradients():
+        return None
+    if "exp_avg" not in next(iter(engine.optimizer.optimizer.state.values())):
+        return None
+    return [safe_get_full_optimizer_state(p, "exp_avg").clone() for p in engine.module.parameters()]
+
+
+def _split_tensors(engine: Any) -> int | None:
+    """How many tensors the engine's layout splits over more than one rank (None at ZeRO-0)."""
+    if engine.zero_optimization_stage() == 0:
+        return None
+    layout = engine.optimizer.optimizer.distributor.layout
+    return sum(1 for index in range(len(layout.shapes)) if sum(n > 0 for n in layout.lengths(index)) > 1)
+
+
+@dataclass
+class Run:
+    """What one rank reports of a DeepSpeed run (all whole tensors, fp32, in ``model.parameters()`` order)."""
+
+    params: list[torch.Tensor]
+    masters: list[torch.Tensor] | None
+    exp_avg: list[torch.Tensor] | None
+    split_tensors: int | None
+
+
 def train_deepspeed(
     rank: int, world_size: int, config: dict[str, Any], checkpoint: tuple[str, int] | None = None
-) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-    """Trains the tiny model for ``STEPS`` steps under ``config`` on this rank; returns the model's parameters
-    (fp32 copies) and the fp32 masters (`_masters`). A config with ``"zero_init": true`` (a harness key, removed
-    before DeepSpeed sees it) builds the model under ``deepspeed.zero.Init``.
+) -> Run:
+    """Trains the tiny model for ``STEPS`` steps under ``config`` on this rank. Harness keys, removed before
+    DeepSpeed sees the config: ``"zero_init": true`` builds the model under ``deepspeed.zero.Init``;
+    ``"as_callable": true`` passes the optimizer as ``optimizer=<callable>`` instead of in the config.
 
     ``checkpoint = (directory, k)``: after ``k`` steps, save with ``engine.save_checkpoint``, build a new engine
     over a freshly initialised model, ``load_checkpoint`` and run the remaining steps there.
     """
     import mgup_dist.deepspeed
+    from mgup_dist.integrations.deepspeed_config import optimizer_spec
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     config = {**config, **RUN_OVERRIDES}
     config.pop("train_batch_size", None)
     zero_init = config if config.pop("zero_init", False) else None
-    engine, _, _, _ = mgup_dist.deepspeed.initialize(model=make_model(zero_init), config=config)
+    client = optimizer_spec(config).build if config.pop("as_callable", False) else None
+    if client is not None:
+        del config["optimizer"]
+
+    def start() -> Any:
+        model = make_model(zero_init)
+        return mgup_dist.deepspeed.initialize(model=model, optimizer=client, config=config)[0]
+
+    engine = start()
     for step, micro in enumerate(batches(world_size)):
         if checkpoint is not None and step == checkpoint[1]:
             engine.save_checkpoint(checkpoint[0], tag="resume")
-            engine, _, _, _ = mgup_dist.deepspeed.initialize(model=make_model(zero_init), config=config)
+            engine = start()
             engine.load_checkpoint(checkpoint[0], tag="resume")
         engine.backward(engine(micro[rank]))
         engine.step()
-    return _model_params(engine), _masters(engine)
+    return Run(_model_params(engine), _masters(engine), _exp_avg(engine), _split_tensors(engine))
 
 
 def _average(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -192,8 +236,16 @@ def _average(grads: list[torch.Tensor]) -> torch.Tensor:
     return total / len(grads)
 
 
-def train_reference(world_size: int, config: dict[str, Any]) -> list[torch.Tensor]:
-    """The single-process run DeepSpeed must match (see the module docstring); returns the fp32 masters."""
+@dataclass
+class Reference:
+    """The single-process run's fp32 masters and each parameter's ``exp_avg`` (None without one)."""
+
+    masters: list[torch.Tensor]
+    exp_avg: list[torch.Tensor | None]
+
+
+def train_reference(world_size: int, config: dict[str, Any]) -> Reference:
+    """The single-process run DeepSpeed must match (see the module docstring)."""
     from mgup_dist.integrations.deepspeed import default_params
     from mgup_dist.integrations.deepspeed_config import optimizer_spec
 
@@ -216,4 +268,5 @@ def train_reference(world_size: int, config: dict[str, Any]) -> list[torch.Tenso
         for m, grads in zip(master.parameters(), zip(*per_rank)):
             m.grad = _average([g.to(reduce_dtype(config)) for g in grads]).float()
         optimizer.step()
-    return [p.detach().clone() for p in master.parameters()]
+    params = list(master.parameters())
+    return Reference([p.detach().clone() for p in params], [optimizer.state[p].get("exp_avg") for p in params])

@@ -158,3 +158,17 @@ def test_weight_decay_is_unscaled_and_separate_from_the_update(name: str) -> Non
     from_zero, _ = run_package(name, [torch.zeros_like(v) for v in values], sequence, **hp)
     for p, z, v in zip(decayed, from_zero, values):
         torch.testing.assert_close(p.detach(), v * (1 - lr * wd) ** 3 + z.detach(), rtol=1e-12, atol=1e-13)
+
+
+def test_parameters_swapped_in_by_an_engine_are_refused() -> None:
+    """Plain deepspeed.initialize replaces param_groups' params with flat partitions; stepping those as whole
+    tensors would silently compute per-partition masks, so the local distributor refuses them."""
+    import mgup_dist
+
+    weight = torch.nn.Parameter(torch.randn(4, 3))
+    opt = mgup_dist.MGUPAdamW([weight])
+    flat = torch.nn.Parameter(weight.detach().reshape(-1)[:6].clone())
+    flat.grad = torch.ones_like(flat)
+    opt.param_groups[0]["params"] = [flat]
+    with pytest.raises(RuntimeError, match="never added through add_param_group"):
+        opt.step()
