@@ -18,20 +18,18 @@ to ``T`` in flat order.
 4. When ``r`` takes every tie the mask is ``s >= T``; otherwise ``s >= T`` before the cut just after the r-th
    tie and ``s > T`` from it on (`locate_ties` finds the cut counting ties block by block).
 
-On CPU the passes run on zero-copy numpy views of the tensors, block by block so temporaries stay in cache,
-and large tensors are split over ``torch.get_num_threads()`` threads (numpy releases the GIL): torch 2.13's
-CPU comparisons into bool and boolean indexing are several times slower than numpy's. Other devices run the
-same code on the tensors themselves. Cost: one reduction, one counting pass, one mask-writing pass (plus
-a tie search up to the cut when ties straddle it), partial sorts of ``~2·n**(2/3)`` sampled and
+On CPU the passes run on zero-copy numpy views of the tensors, block by block so temporaries stay in cache:
+torch 2.13's CPU comparisons into bool and boolean indexing are several times slower than numpy's (on one
+thread numpy keeps up with torch on two, the passes being bound by memory bandwidth). Other devices run the
+same code on the tensors themselves. Cost: one reduction, one counting pass, one mask-writing pass (plus a
+tie search up to the cut when ties straddle it), partial sorts of ``~2·n**(2/3)`` sampled and
 ``~1.8·n**(2/3)`` band scores (at k = n/2), and another counting pass in the ~1% of cases the bracket misses.
 """
 from __future__ import annotations
 
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Union
+from typing import Iterator, Union
 
 import numpy as np
 import torch
@@ -42,7 +40,6 @@ Values = Union[np.ndarray, torch.Tensor]  # a 1-D float32 host (numpy) view of C
 
 BLOCKS = {"numpy": 1 << 16, "torch": 1 << 22}  # elements per block of a pass, per array kind
 SAMPLE_FROM = 1 << 14  # smaller tensors skip the sample: their single pass collects every score
-PARALLEL_FROM = 1 << 20  # numpy passes over this many scores or more use torch.get_num_threads() threads
 _MAX_SAMPLE = 1 << 18
 _MARGIN_SD = 2.5  # bracket half-width in standard deviations of the sample quantile (1.2% of passes miss)
 _WIDEN = 4  # bracket growth after a pass that missed
@@ -86,36 +83,13 @@ def finite_range(scores: torch.Tensor) -> tuple[float, float]:
 
 def _host_view(scores: torch.Tensor) -> Values:
     """What the passes run on: a numpy view of a CPU tensor (shared memory), else the tensor."""
-    return scores.numpy() if scores.device.type == "cpu" else scores
+    return scores.detach().numpy() if scores.device.type == "cpu" else scores
 
 
 def _blocks(values: Values) -> Iterator[Values]:
     size = BLOCKS["numpy" if isinstance(values, np.ndarray) else "torch"]
     for start in range(0, len(values), size):
         yield values[start : start + size]
-
-
-def _ranges(values: Values) -> list[tuple[int, int]]:
-    """Contiguous ``[start, stop)`` parts of ``values``, one per thread of a pass: ``torch.get_num_threads()``
-    parts for numpy views of at least `PARALLEL_FROM` scores (numpy releases the GIL in these loops), else one."""
-    n = len(values)
-    parts = torch.get_num_threads() if isinstance(values, np.ndarray) and n >= PARALLEL_FROM else 1
-    bounds = [n * i // parts for i in range(parts + 1)]
-    return list(zip(bounds[:-1], bounds[1:]))
-
-
-_EXECUTORS: dict[tuple[int, int], ThreadPoolExecutor] = {}
-
-
-def _map(function: Callable[[tuple[int, int]], Any], ranges: list[tuple[int, int]]) -> list[Any]:
-    """``[function(r) for r in ranges]``, the first in this thread and the others on a pool kept per process."""
-    if len(ranges) == 1:
-        return [function(ranges[0])]
-    key = (os.getpid(), len(ranges) - 1)  # a forked child gets a pool of its own
-    if key not in _EXECUTORS:
-        _EXECUTORS[key] = ThreadPoolExecutor(key[1], thread_name_prefix="mgup-select")
-    others = [_EXECUTORS[key].submit(function, r) for r in ranges[1:]]
-    return [function(ranges[0])] + [future.result() for future in others]
 
 
 def _count(mask: Values) -> int:
@@ -147,12 +121,14 @@ def _first_true(mask: Values, count: int) -> int:
 def locate_ties(scores: Values, value: float, r: int) -> int:
     """The cut ``p``: ``scores[:p]`` holds exactly ``r`` entries equal to ``value`` and ends with one (0 when
     ``r == 0``). Counts ties block by block and stops at the block holding the r-th, so it reads at most up to
-    ``p`` and never builds an index tensor beyond one block. `ValueError` if fewer than ``r`` entries match.
-    ``scores``: 1-D float32 tensor, or a numpy view of one."""
+    ``p`` and never builds an index tensor beyond one block. `ValueError` if ``r < 0`` or fewer than ``r``
+    entries match. ``scores``: 1-D float32 tensor, or a numpy view of one."""
+    if r < 0:
+        raise ValueError(f"r={r} < 0")
     if isinstance(scores, torch.Tensor):
         scores = _host_view(scores)
     start, remaining = 0, r
-    if remaining <= 0:
+    if remaining == 0:
         return 0
     for block in _blocks(scores):
         equal = block == value
@@ -168,24 +144,17 @@ def _count_pass(values: Values, lower: float, upper: float) -> tuple[int, int, V
     that band can hold only one value (``lower == float_below(upper)``, a block of ties) it is counted, not
     collected, and the returned band is empty."""
     collect = lower != float_below(upper)
-
-    def count_part(bounds: tuple[int, int]) -> tuple[int, int, list[Values]]:
-        above_lower = above_upper = 0
-        band = []
-        for block in _blocks(values[bounds[0] : bounds[1]]):
-            over_lower, over_upper = block > lower, block > upper
-            above_upper += _count(over_upper)
-            if collect:
-                band.append(block[over_lower ^ over_upper])
-            else:
-                above_lower += _count(over_lower)
-        return above_lower, above_upper, band
-
-    parts = _map(count_part, _ranges(values))
-    above_upper = sum(part[1] for part in parts)
-    collected = _concat([piece for part in parts for piece in part[2]], values)
-    above_lower = above_upper + len(collected) if collect else sum(part[0] for part in parts)
-    return above_lower, above_upper, collected
+    above_lower = above_upper = 0
+    band = []
+    for block in _blocks(values):
+        over_lower, over_upper = block > lower, block > upper
+        above_upper += _count(over_upper)
+        if collect:
+            band.append(block[over_lower ^ over_upper])
+        else:
+            above_lower += _count(over_lower)
+    collected = _concat(band, values)
+    return (above_upper + len(collected) if collect else above_lower), above_upper, collected
 
 
 def _sample(values: Values) -> Values:
@@ -254,6 +223,13 @@ def kth_largest(scores: torch.Tensor, k: int, score_range: tuple[float, float] |
     return Threshold(interval.high + 0.0, interval.above_high, interval.above_low - interval.above_high)
 
 
+def _fill_mask(values: Values, out: Values, value: float, cut: int) -> None:
+    """``out[:cut] = values[:cut] >= value`` and ``out[cut:] = values[cut:] > value``, in one pass."""
+    lib = np if isinstance(out, np.ndarray) else torch
+    lib.greater_equal(values[:cut], value, out=out[:cut])
+    lib.greater(values[cut:], value, out=out[cut:])
+
+
 def _check(scores: torch.Tensor, k: int) -> None:
     if not isinstance(scores, torch.Tensor) or scores.dtype != torch.float32 or scores.dim() != 1:
         raise TypeError(
@@ -285,16 +261,3 @@ def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     mask = torch.empty(n, dtype=torch.bool, device=scores.device)
     _fill_mask(values, _host_view(mask), threshold.value, cut)
     return mask
-
-
-def _fill_mask(values: Values, out: Values, value: float, cut: int) -> None:
-    """``out[:cut] = values[:cut] >= value`` and ``out[cut:] = values[cut:] > value``, in one pass."""
-    lib = np if isinstance(out, np.ndarray) else torch
-
-    def fill_part(bounds: tuple[int, int]) -> None:
-        start, stop = bounds
-        middle = min(max(cut, start), stop)
-        lib.greater_equal(values[start:middle], value, out=out[start:middle])
-        lib.greater(values[middle:stop], value, out=out[middle:stop])
-
-    _map(fill_part, _ranges(values))

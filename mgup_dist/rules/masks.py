@@ -34,6 +34,7 @@ def mask_k(mask_ratio: float, numel: int) -> int:
 
 
 _SPAN = {torch.float16: 2.0**14}  # a power of two whose double is finite in the dtype; 2**100 for wider ones
+_CPU_BLOCK = 1 << 20  # elements per block on CPU: the second pass then reads the first's output from cache
 
 
 def sign_factors(
@@ -55,9 +56,6 @@ def sign_factors(
         return _clamped_factors(selected, high_value, low_value, span, factors)
     values = (torch.tensor(v, dtype=dtype, device=selected.device) for v in (high_value, low_value))
     return factors.copy_(torch.where(selected, *values))
-
-
-_CPU_BLOCK = 1 << 20  # elements per block on CPU: the second pass then reads the first's output from cache
 
 
 def _clamped_factors(

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests.integrations.tiny_block import Block
+
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = ROOT / "configs" / "deepspeed"
 if not torch.cuda.is_available():
@@ -47,25 +49,6 @@ RUN_OVERRIDES = {
 }
 
 
-class Block(nn.Module):
-    """Pre-norm block: causal self-attention then a GELU MLP, each residual."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ln_1, self.ln_2 = nn.LayerNorm(WIDTH), nn.LayerNorm(WIDTH)
-        self.qkv, self.proj = nn.Linear(WIDTH, 3 * WIDTH), nn.Linear(WIDTH, WIDTH)
-        self.fc, self.fc_out = nn.Linear(WIDTH, HIDDEN), nn.Linear(HIDDEN, WIDTH)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape
-        q, k, v = self.qkv(self.ln_1(x)).split(WIDTH, dim=2)
-        q, k, v = (y.view(b, t, HEADS, WIDTH // HEADS).transpose(1, 2) for y in (q, k, v))
-        att = (q @ k.transpose(-2, -1)) * (WIDTH // HEADS) ** -0.5
-        att = att.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf")).softmax(dim=-1)
-        x = x + self.proj((att @ v).transpose(1, 2).reshape(b, t, WIDTH))
-        return x + self.fc_out(F.gelu(self.fc(self.ln_2(x))))
-
-
 class SmallEmbedding(nn.Embedding):
     """An embedding initialised with std 0.1, inside its constructor (so also under ``zero.Init``, which
     partitions parameters as soon as their module is built)."""
@@ -81,7 +64,7 @@ class TinyGPT(nn.Module):
         super().__init__()
         self.embed = SmallEmbedding(VOCAB, WIDTH)
         self.pos = SmallEmbedding(TIME, WIDTH)
-        self.blocks = nn.ModuleList([Block(), Block()])
+        self.blocks = nn.ModuleList([Block(WIDTH, HEADS, HIDDEN), Block(WIDTH, HEADS, HIDDEN)])
         self.ln_f = nn.LayerNorm(WIDTH)
         self.lm_head = nn.Linear(WIDTH, VOCAB, bias=False)
         self.lm_head.weight = self.embed.weight

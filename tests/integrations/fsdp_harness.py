@@ -34,29 +34,12 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 import mgup_dist
+from tests.integrations.tiny_block import Block
 
 VOCAB, WIDTH, HEADS, BLOCK, HIDDEN = 13, 6, 2, 5, 10
 BATCH = 4
 EXTRA_SHAPE = (3, 4)
 SEED = 1234
-
-
-class Block(nn.Module):
-    """Pre-norm block: causal self-attention then a GELU MLP, each residual."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ln_1, self.ln_2 = nn.LayerNorm(WIDTH), nn.LayerNorm(WIDTH)
-        self.qkv, self.proj = nn.Linear(WIDTH, 3 * WIDTH), nn.Linear(WIDTH, WIDTH)
-        self.fc, self.fc_out = nn.Linear(WIDTH, HIDDEN), nn.Linear(HIDDEN, WIDTH)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, time, _ = x.shape
-        q, k, v = self.qkv(self.ln_1(x)).split(WIDTH, dim=2)
-        heads = [t.view(b, time, HEADS, WIDTH // HEADS).transpose(1, 2) for t in (q, k, v)]
-        y = F.scaled_dot_product_attention(*heads, is_causal=True).transpose(1, 2).reshape(b, time, WIDTH)
-        x = x + self.proj(y)
-        return x + self.fc_out(F.gelu(self.fc(self.ln_2(x))))
 
 
 class TinyGPT(nn.Module):
@@ -69,7 +52,7 @@ class TinyGPT(nn.Module):
         super().__init__()
         self.wte = nn.Embedding(VOCAB, WIDTH)
         self.wpe = nn.Embedding(BLOCK, WIDTH)
-        self.block = Block()
+        self.block = Block(WIDTH, HEADS, HIDDEN)
         self.ln_f = nn.LayerNorm(WIDTH)
         self.lm_head = nn.Linear(WIDTH, VOCAB, bias=False)
         self.value = nn.Linear(WIDTH, 1)
