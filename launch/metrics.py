@@ -2,7 +2,8 @@
 
 A metrics row has ``step``, ``loss`` (mean training loss of that step's global batch), ``lr``,
 ``tokens_per_s`` (global tokens per second of training time since the previous row), ``tokens``
-(cumulative), ``grad_norm``, and ``val_loss`` on evaluation steps.
+(cumulative), ``grad_norm``, ``skipped_steps`` (cumulative steps skipped for non-finite gradients), and
+``val_loss`` on evaluation steps.
 """
 from __future__ import annotations
 

@@ -96,6 +96,7 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
     env = detect(args.local_rank)
     backend = backend_class(cfg.backend)(env, cfg.backend_options)
     _, accum = cfg.batch.split(env.world_size)
+    backend.configure(cfg.batch.micro_batch, accum, cfg.train.grad_clip)
     if args.out:
         out = Path(args.out)
     elif ckpt is not None:

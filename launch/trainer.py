@@ -2,6 +2,8 @@
 
 Every rank runs `Trainer.run`; collectives (DDP's gradient all-reduce, the loss all-reduce on logged steps,
 checkpoint barriers) happen at the same points on all ranks. Rank 0 alone writes files and shows progress.
+Steps the optimizer skipped for non-finite gradients (`mgup_dist.optim.nonfinite`, identical on every rank)
+are reported as ``skipped_steps`` in metrics rows and the summary, and kept across resumes in the trainer state.
 """
 from __future__ import annotations
 
@@ -46,6 +48,11 @@ def _all_mean(values: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(values)
         values /= dist.get_world_size()
     return values
+
+
+def skipped_steps(optimizer: torch.optim.Optimizer) -> int:
+    """Steps ``optimizer`` skipped for non-finite gradients (0 for optimizers without the guard)."""
+    return int(getattr(optimizer, "skipped_steps", 0))
 
 
 def _uses_mars_exact(optimizer: torch.optim.Optimizer) -> bool:
@@ -113,6 +120,8 @@ class Trainer:
             )
         state = checkpoint.load(self.engine, ckpt)
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        if hasattr(self.engine.optimizer, "skipped_steps"):
+            self.engine.optimizer.skipped_steps = int(state.get("skipped_steps", 0))
 
     def _accumulate(self, batches: Iterable[Batch]) -> torch.Tensor:
         """Forward/backward over one step's micro-batches (gradients of the rank mean loss); returns it."""
@@ -162,6 +171,7 @@ class Trainer:
         return {
             "step": self.step,
             "tokens": self.tokens,
+            "skipped_steps": skipped_steps(self.engine.optimizer),
             "world_size": self.env.world_size,
             "data": {"seed": self.cfg.train.seed, "step": self.step, "sha256": self.corpus_sha},
             "config": config_to_dict(self.cfg),
@@ -200,7 +210,8 @@ class Trainer:
         row: dict[str, Any] = {}
         if self._due(train.log_every):
             row = {"step": self.step, "loss": float(_all_mean(loss)), "lr": lr, "grad_norm": grad_norm,
-                   "tokens": self.tokens, "tokens_per_s": clock.interval_rate()}
+                   "tokens": self.tokens, "tokens_per_s": clock.interval_rate(),
+                   "skipped_steps": skipped_steps(self.engine.optimizer)}
         if self._due(train.eval_every):
             row = {"step": self.step, **row, "val_loss": self.evaluate()}
         if row:
@@ -221,6 +232,7 @@ class Trainer:
             "final_loss": train_rows[-1]["loss"] if train_rows else None,
             "final_val_loss": val_rows[-1]["val_loss"] if val_rows else None,
             "tokens": tokens, "time_s": wall, "tokens_per_s": rate,
+            "skipped_steps": skipped_steps(self.engine.optimizer),
             "world_size": self.env.world_size, "backend": self.cfg.backend,
             "optimizer": self.cfg.optimizer.name, "parameters": self.n_params,
         }

@@ -68,7 +68,13 @@ class Backend(ABC):
             raise LaunchError(f"unknown backend_options {unknown} for backend {self.name}; valid: {valid}")
         self.env = env
         self.options = {**self.OPTIONS, **options}
+        self.micro_batch, self.accum_steps, self.grad_clip = 1, 1, 0.0
         self.check()
+
+    def configure(self, micro_batch: int, accum_steps: int, grad_clip: float) -> None:
+        """Records the run's batch split and ``train.grad_clip`` (for backends that must know them at `build`,
+        e.g. DeepSpeed's config). Called by the launcher before `build`; defaults 1, 1 and 0."""
+        self.micro_batch, self.accum_steps, self.grad_clip = micro_batch, accum_steps, grad_clip
 
     def check(self) -> None:
         """Hook: validate ``self.options`` and ``self.env``, raising `LaunchError`."""

@@ -108,6 +108,9 @@ class _NoStep:
     def slots(self, optimizer: torch.optim.Optimizer) -> Iterator:
         return iter(())
 
+    def any_rank(self, flag: torch.Tensor) -> bool:
+        return bool(flag)
+
 
 def skip_shm_build() -> None:
     """Makes DeepSpeed's communication backend skip the JIT build of its shared-memory comm op (35-43 s once

@@ -23,8 +23,10 @@ import torch
 
 from mgup_dist.integrations.deepspeed_layout import FlatPartition, TensorPiece
 from mgup_dist.ops.base import TensorOps
+from mgup_dist.optim.nonfinite import any_rank
 from mgup_dist.rules.slot import Slot
 from mgup_dist.shard.layout import ShardLayout
+from mgup_dist.shard.ops import ShardedOps
 from mgup_dist.shard.segment import Segment
 
 TENSORS_KEY = "mgup_dist.tensors"
@@ -113,6 +115,11 @@ class FlatPartitionDistributor:
             "under DeepSpeed the optimizer state belongs to DeepSpeed's flat partitions: checkpoint with "
             "engine.save_checkpoint / engine.load_checkpoint instead of mgup_dist.checkpoint"
         )
+
+    def any_rank(self, flag: torch.Tensor) -> bool:
+        """``flag`` ORed over DeepSpeed's data-parallel group (one all-reduce; local when ``ops`` is not a
+        `ShardedOps`)."""
+        return any_rank(self.ops.comm if isinstance(self.ops, ShardedOps) else None, flag)
 
     def _partition(self, flat: torch.Tensor) -> FlatPartition:
         partition = self._partitions.get(id(flat))

@@ -39,6 +39,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from mgup_dist.integrations.dtensor_state import DTensorState
 from mgup_dist.ops.local import LocalOps
 from mgup_dist.optim.distributor import LocalDistributor
+from mgup_dist.optim.nonfinite import any_rank
 from mgup_dist.rules.requests import Orthogonalize, TensorSum, TopKMask
 from mgup_dist.rules.slot import Slot
 from mgup_dist.shard.collectives import Collectives
@@ -232,6 +233,11 @@ class FSDPDistributor:
     def segment_map(self, optimizer: torch.optim.Optimizer) -> dict[int, Segment]:
         """``id(param) -> Segment`` of the rows this rank holds (whole for replicated parameters)."""
         return {id(param): segment for _, param, segment in self._segments(optimizer)}
+
+    def any_rank(self, flag: torch.Tensor) -> bool:
+        """``flag`` ORed over the shard group (one all-reduce; local when no parameter is sharded). Replicas of
+        the replicate dimension hold the same averaged gradients, so they need no vote of their own."""
+        return any_rank(None if self.ops.sharded is None else self.ops.sharded.comm, flag)
 
     def slots(self, optimizer: torch.optim.Optimizer) -> Iterator[tuple[dict[str, Any], Slot]]:
         for group, param, segment in self._segments(optimizer):

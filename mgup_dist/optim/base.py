@@ -2,7 +2,8 @@
 
 A subclass declares its ``DEFAULTS`` and picks a rule for each tensor (`rule_for`); the shell handles param
 groups, validation, closures and state dicts, and runs the rules through its distributor, so the same class
-steps a single process (`LocalDistributor`) or a sharded engine's segments.
+steps a single process (`LocalDistributor`) or a sharded engine's segments. Before any rule runs, a step with a
+non-finite gradient on any rank is skipped or raises on every rank (`mgup_dist.optim.nonfinite`).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any, Callable, ClassVar, Iterator
 import torch
 
 from mgup_dist.optim.distributor import Distributor, LocalDistributor, distributor_for
+from mgup_dist.optim.nonfinite import NonFiniteGuard, check_policy
 from mgup_dist.optim.validation import check_unknown, validate_group
 from mgup_dist.rules.driver import Rule, run_rules
 from mgup_dist.rules.slot import Slot
@@ -28,7 +30,31 @@ class RuleOptimizer(torch.optim.Optimizer):
         validate_group(defaults)
         self.registered_params: set[int] = set()
         self.distributor: Distributor = LocalDistributor()
+        self.guard = NonFiniteGuard()
         super().__init__(params, defaults)
+
+    @property
+    def nonfinite(self) -> str:
+        """What a step with a NaN/inf gradient on any rank does: ``"skip"`` (default) or ``"raise"``."""
+        return self.guard.policy
+
+    @nonfinite.setter
+    def nonfinite(self, policy: str) -> None:
+        self.guard.policy = check_policy(policy)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for non-finite gradients in this process (not saved by ``state_dict``; assignable, e.g.
+        when resuming)."""
+        return self.guard.skipped_steps
+
+    @skipped_steps.setter
+    def skipped_steps(self, count: int) -> None:
+        self.guard.skipped_steps = int(count)
+
+    def name_parameters(self, model: torch.nn.Module) -> None:
+        """Lets non-finite gradient messages name parameters by their FQN in ``model``."""
+        self.guard.name_parameters(self, model)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -56,8 +82,18 @@ class RuleOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        rules = [self.rule_for(group, slot) for group, slot in self.segments()]
-        run_rules(rules, self.distributor.ops)
+        known = {id(key) for key in self.state}
+        slots = list(self.segments())
+        skip = True
+        try:
+            skip = self.guard.check(self, slots, self.distributor)
+        finally:
+            if skip:  # looking up the slots' state created empty entries; a skipped step leaves none behind
+                for key in [k for k, v in self.state.items() if not v and id(k) not in known]:
+                    del self.state[key]
+        if skip:
+            return loss
+        run_rules([self.rule_for(group, slot) for group, slot in slots], self.distributor.ops)
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

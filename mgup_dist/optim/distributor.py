@@ -12,6 +12,7 @@ import torch
 
 from mgup_dist.ops.base import TensorOps
 from mgup_dist.ops.local import LocalOps
+from mgup_dist.optim.nonfinite import any_rank
 from mgup_dist.rules.slot import Slot
 from mgup_dist.shard.segment import Segment
 
@@ -21,6 +22,7 @@ class Distributor(Protocol):
 
     ``sharded`` is False when every rank holds whole tensors (replicated state); `segment_map` gives, for each
     parameter id, the `Segment` whose range the optimizer state of that parameter covers on this rank.
+    `any_rank` ORs a 0-d flag over the ranks sharing the tensors (collective where they are sharded).
     """
 
     ops: TensorOps
@@ -30,6 +32,9 @@ class Distributor(Protocol):
         ...
 
     def slots(self, optimizer: torch.optim.Optimizer) -> Iterator[tuple[dict[str, Any], Slot]]:
+        ...
+
+    def any_rank(self, flag: torch.Tensor) -> bool:
         ...
 
 
@@ -50,6 +55,10 @@ class LocalDistributor:
     def segment_map(self, optimizer: torch.optim.Optimizer) -> dict[int, Segment]:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         return {id(p): Segment.whole(i, tuple(p.shape)) for i, p in enumerate(params)}
+
+    def any_rank(self, flag: torch.Tensor) -> bool:
+        """``flag`` itself: every rank holding whole tensors sees the same (already reduced) gradients."""
+        return any_rank(None, flag)
 
     def slots(self, optimizer: torch.optim.Optimizer) -> Iterator[tuple[dict[str, Any], Slot]]:
         index = 0

@@ -19,9 +19,11 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 
 from mgup_dist.ops.base import TensorOps
+from mgup_dist.optim.nonfinite import any_rank
 from mgup_dist.rules.slot import Slot
 from mgup_dist.shard.collectives import Collectives
 from mgup_dist.shard.layout import ShardLayout
+from mgup_dist.shard.ops import ShardedOps
 from mgup_dist.shard.segment import Segment
 
 
@@ -75,6 +77,10 @@ class ShardedDistributor:
     def segment_map(self, optimizer: torch.optim.Optimizer) -> dict[int, Segment]:
         """``id(full parameter) -> Segment`` this rank holds, for every tensor the engine shards."""
         return {id(shard.param_key): shard.segment for shard in self.shards()}
+
+    def any_rank(self, flag: torch.Tensor) -> bool:
+        """``flag`` ORed over the ranks of ``ops``' group (one all-reduce; `ShardedOps` only, else local)."""
+        return any_rank(self.ops.comm if isinstance(self.ops, ShardedOps) else None, flag)
 
     def slots(self, optimizer: torch.optim.Optimizer) -> Iterator[tuple[dict[str, Any], Slot]]:
         groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from launch.metrics import read_metrics
+from launch.trainer import Trainer
 from tests.launch.conftest import merged
 from tests.launch.helpers import checkpoint_params, run_pretrain
 
@@ -105,3 +106,30 @@ def test_zero_two_ranks_then_resumed_by_the_single_backend_is_the_same_run(
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= PARAM_ATOL
     start = checkpoint_params(two / "checkpoints/step_0000004", zero)
     assert max(float((a[k] - start[k]).abs().max()) for k in a) > 100 * PARAM_ATOL
+
+
+def test_a_non_finite_gradient_is_skipped_counted_and_survives_resume(
+    make_config: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A NaN put into one gradient of step 2 skips that step; ``skipped_steps`` counts it in metrics rows, the
+    summary and the trainer state, and a run resumed from a later checkpoint keeps the count."""
+    original, calls = Trainer._accumulate, []
+
+    def poisoned(self: Trainer, batches):  # type: ignore[no-untyped-def]
+        loss = original(self, batches)
+        calls.append(None)
+        if len(calls) == 2:
+            next(self.engine.model.parameters()).grad.view(-1)[0] = float("nan")
+        return loss
+
+    monkeypatch.setattr(Trainer, "_accumulate", poisoned)
+    config = make_config(train={"steps": 4, "checkpoint_every": 3, "eval_every": 0})
+    out = tmp_path / "out"
+    run_pretrain("--config", config, "--out", out)
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["skipped_steps"] for r in rows] == [0, 1, 1, 1]
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    assert json.loads((out / "summary.json").read_text())["skipped_steps"] == 1
+    assert json.loads((out / "checkpoints/step_0000003/trainer.json").read_text())["skipped_steps"] == 1
+    run_pretrain("--resume", out / "checkpoints/step_0000003", "--out", tmp_path / "resumed")
+    assert [r["skipped_steps"] for r in read_metrics(tmp_path / "resumed/metrics.jsonl")] == [1]

@@ -1,0 +1,164 @@
+"""Backend ``deepspeed``: DeepSpeed ZeRO (stages 1-3, fp32 or bf16) through `mgup_dist.deepspeed.initialize`.
+
+The DeepSpeed config is built from the run config: ``train_micro_batch_size_per_gpu`` is the launcher's
+micro-batch, ``gradient_clipping`` is ``train.grad_clip``, and ``managed_gradient_accumulation`` is off with
+``gradient_accumulation_steps`` 1: the launcher's loop owns the accumulation (it scales each micro-batch's loss
+by 1/accum and calls ``loss.backward()``, which DeepSpeed's output hooks route through its backward), so every
+DeepSpeed ``step()`` is a boundary that reduces the accumulated gradients and updates. DeepSpeed clips inside
+that ``step()``, so `DeepSpeedEngine.clip_grad_norm` runs the step and reports DeepSpeed's global gradient norm
+(``engine.get_global_grad_norm()``: the L2 norm of the averaged gradients before clipping, over all ranks);
+`DeepSpeedEngine.step` then has nothing left to do.
+
+Options: ``zero_stage`` (1, 2 or 3; stage 0 is plain data parallelism: use backend ``ddp``), ``bf16`` (bf16
+weights and gradients with fp32 master weights), ``gather_max_numel`` (matrices larger than this run
+Newton–Schulz sharded; null = always gather).
+
+Checkpoints hold DeepSpeed's own checkpoint files (``engine.save_checkpoint``) as opaque DCP entries, so a run
+resumes under backend ``deepspeed`` with the same ``zero_stage`` and world size; anything else is a
+`LaunchError` naming the reason.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import pickle
+import tempfile
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+
+from launch.backends.base import Backend, Engine, OptimizerFactory
+from launch.backends.registry import register
+from launch.errors import LaunchError
+
+STAGES = (1, 2, 3)
+FILE_PREFIX = "deepspeed.file."
+META_KEY = "deepspeed.meta"
+_TAG = "launch"
+
+
+def deepspeed_config(micro_batch: int, world_size: int, grad_clip: float, options: dict[str, Any]) -> dict[str, Any]:
+    """The DeepSpeed config for this run (see the module docstring); ``options`` are the backend's options."""
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": micro_batch * world_size,
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": grad_clip,
+        "steps_per_print": 2**31 - 1,
+        "bf16": {"enabled": bool(options["bf16"])},
+        "zero_optimization": {"stage": options["zero_stage"]},
+    }
+    if options["gather_max_numel"] is not None:
+        config["mgup_dist"] = {"gather_max_numel": options["gather_max_numel"]}
+    return config
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+class DeepSpeedEngine(Engine):
+    """A DeepSpeed engine driven by the launcher's loop; ``model`` is the DeepSpeed engine itself (its forward
+    registers the backward hooks DeepSpeed needs)."""
+
+    def __init__(self, ds: Any, optimizer: torch.optim.Optimizer, grad_clip: float, stage: int) -> None:
+        self.ds = ds
+        self.model = ds
+        self.optimizer = optimizer
+        self.grad_clip = grad_clip
+        self.stage = stage
+        self._stepped = False
+
+    def micro_step(self, sync: bool) -> AbstractContextManager[Any]:
+        return contextlib.nullcontext()
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """Runs DeepSpeed's step (reduce, clip to the configured ``gradient_clipping``, update); returns the
+        global norm before clipping. ``max_norm`` must be the configured value."""
+        if max_norm != self.grad_clip:
+            raise LaunchError(f"DeepSpeed clips to {self.grad_clip} (its gradient_clipping), not to {max_norm}")
+        self.ds.step()
+        self._stepped = True
+        norm = self.ds.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def step(self) -> None:
+        if not self._stepped:
+            self.ds.step()
+        self._stepped = False
+
+    def zero_grad(self) -> None:
+        self.ds.zero_grad()
+
+    def state_dict(self) -> dict[str, Any]:
+        """DeepSpeed's checkpoint files of this rank (``deepspeed.file.<name>``, bytes) and the run's layout."""
+        with tempfile.TemporaryDirectory() as tmp:
+            os.makedirs(os.path.join(tmp, _TAG), exist_ok=True)
+            self.ds.save_checkpoint(tmp, tag=_TAG, save_latest=False)
+            files = {f"{FILE_PREFIX}{p.name}": io.BytesIO(p.read_bytes()) for p in Path(tmp, _TAG).iterdir()}
+        return {**files, META_KEY: pickle.dumps(self._meta())}
+
+    def _meta(self) -> dict[str, int]:
+        return {"zero_stage": self.stage, "world_size": dist.get_world_size() if dist.is_initialized() else 1}
+
+    def load_checkpoint(self, path: str) -> None:
+        metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        if META_KEY not in metadata:
+            raise LaunchError(f"checkpoint {path} was not written by backend deepspeed; resume it with its own backend")
+        target: dict[str, Any] = {key: None for key in metadata if key.startswith(FILE_PREFIX) or key == META_KEY}
+        dcp.load(target, checkpoint_id=path)
+        saved = pickle.loads(target.pop(META_KEY))
+        if saved != self._meta():
+            raise LaunchError(
+                f"checkpoint {path} holds DeepSpeed state for {saved}, this run is {self._meta()}: backend deepspeed "
+                "resumes only at the same zero_stage and world size"
+            )
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp, _TAG)
+            folder.mkdir()
+            for key, value in target.items():
+                value.seek(0)
+                (folder / key[len(FILE_PREFIX):]).write_bytes(value.read())
+            loaded, _ = self.ds.load_checkpoint(tmp, tag=_TAG, load_lr_scheduler_states=False)
+            if loaded is None:
+                raise LaunchError(f"DeepSpeed could not load its checkpoint from {path}")
+
+
+@register
+class DeepSpeedBackend(Backend):
+    """DeepSpeed ZeRO-1/2/3 with an mgup_dist (or torch) optimizer; see the module docstring."""
+
+    name = "deepspeed"
+    OPTIONS = {"zero_stage": 1, "bf16": False, "gather_max_numel": None}
+
+    def check(self) -> None:
+        stage = self.options["zero_stage"]
+        if isinstance(stage, bool) or stage not in STAGES:
+            raise LaunchError(
+                f"backend_options.zero_stage must be one of {list(STAGES)}, got {stage!r} (stage 0: use backend ddp)"
+            )
+        if not isinstance(self.options["bf16"], bool):
+            raise LaunchError(f"backend_options.bf16 must be true or false, got {self.options['bf16']!r}")
+        limit = self.options["gather_max_numel"]
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise LaunchError(f"backend_options.gather_max_numel must be null or an integer >= 1, got {limit!r}")
+
+    def build(self, model: nn.Module, make_optimizer: OptimizerFactory) -> Engine:
+        if self.env.device.type != "cuda":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        from mgup_dist import deepspeed as mgup_deepspeed
+
+        mgup_deepspeed.skip_shm_build()
+        optimizer = make_optimizer(model)
+        if any(group.get("is_approx") is False for group in optimizer.param_groups):
+            raise LaunchError("backend deepspeed does not run MARS exact mode (is_approx: false); use backend ddp")
+        config = deepspeed_config(self.micro_batch, self.env.world_size, self.grad_clip, self.options)
+        ds, ds_optimizer, _, _ = mgup_deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        return DeepSpeedEngine(ds, ds_optimizer, self.grad_clip, self.options["zero_stage"])
