@@ -1,0 +1,164 @@
+"""``get_optimizer``: Megatron-core's ``get_megatron_optimizer`` with an mgup_dist optimizer inside.
+
+Mirrors ``megatron.core.optimizer.get_megatron_optimizer`` (megatron-core 0.16.x): the same parameter groups
+(Megatron's weight-decay / learning-rate overrides, ``wd_mult``/``lr_mult`` keys for its scheduler), the same
+process groups and the same wrapper, Megatron's ``DistributedOptimizer`` (``use_distributed_optimizer=True``),
+whose inner optimizer is ours. Megatron then hands our optimizer 1-D main shards of the parameters; the
+`MegatronShardDistributor` maps each to its `Segment` and our tensor-wide operations (top-k masks, norms,
+Newton-Schulz on the gathered matrix) run over Megatron's data-parallel group, so the update equals the
+single-process one (see `tests/integrations/test_megatron.py`).
+
+Hyperparameters: ``lr`` and ``weight_decay`` come from the ``OptimizerConfig``, and so do ``betas`` /
+``eps`` (``adam_beta1``, ``adam_beta2``, ``adam_eps``) for optimizers that take them; the Muon family's
+AdamW path keeps its own ``adamw_betas`` / ``adamw_eps``. Keyword ``hparams`` override all of these.
+Muon-family optimizers route a parameter to the matrix path iff its logical shape has ``ndim >= 2`` and it is
+not an embedding or output layer (Megatron's ``is_embedding_or_output_parameter``, or as `muon_param_groups`
+finds them in a plain module).
+
+Supported so far: data parallelism (tensor- and pipeline-parallel size 1), dense parameters (no MoE expert
+parallelism), Megatron's DDP with ``use_distributed_optimizer=True``. Megatron needs CUDA; on CPU it only runs
+under a test shim.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from mgup_dist.integrations.megatron_state import MegatronShardDistributor, check_cover, shard_entries
+from mgup_dist.optim.base import RuleOptimizer
+from mgup_dist.optim.muon import MuonFamily
+from mgup_dist.optim.param_groups import muon_param_groups
+from mgup_dist.optim.registry import optimizer_class
+from mgup_dist.shard.collectives import Collectives
+from mgup_dist.shard.ops import ShardedOps
+from mgup_dist.shard.orthogonalize import DistributedOrthogonalizer
+
+
+def _check_supported(config: Any, model_chunks: Sequence[Any]) -> None:
+    from megatron.core import parallel_state
+
+    if not config.use_distributed_optimizer:
+        raise ValueError("mgup_dist.megatron.get_optimizer needs OptimizerConfig(use_distributed_optimizer=True)")
+    if config.use_precision_aware_optimizer or config.optimizer_cpu_offload:
+        raise ValueError("use_precision_aware_optimizer and optimizer_cpu_offload are not supported")
+    if not model_chunks or any(not getattr(c, "ddp_config", None) for c in model_chunks):
+        raise TypeError("model_chunks must be a non-empty list of Megatron DistributedDataParallel modules")
+    if any(c.ddp_config.use_megatron_fsdp or not c.ddp_config.use_distributed_optimizer for c in model_chunks):
+        raise ValueError("wrap the model with DistributedDataParallelConfig(use_distributed_optimizer=True), no FSDP")
+    sizes = (
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_pipeline_model_parallel_world_size(),
+    )
+    if sizes != (1, 1):
+        raise NotImplementedError(f"tensor/pipeline parallelism {sizes} is not supported yet (only TP=1, PP=1)")
+
+
+def _matrix_ids(model_chunks: Sequence[torch.nn.Module]) -> set[int]:
+    """ids of the parameters taking the Muon family's matrix path."""
+    ids = set()
+    for chunk in model_chunks:
+        for group in muon_param_groups(chunk):
+            if group["use_muon"]:
+                ids.update(id(p) for p in group["params"] if not getattr(p, "is_embedding_or_output_parameter", False))
+    return ids
+
+
+def _split_for_muon(groups: list[dict[str, Any]], matrix: set[int]) -> list[dict[str, Any]]:
+    """Each Megatron group split in two, ``use_muon`` True then False (empty halves kept: every rank must build
+    the same groups)."""
+    split = []
+    for group in groups:
+        for use_muon in (True, False):
+            params = [p for p in group["params"] if (id(p) in matrix) == use_muon]
+            split.append({**group, "params": params, "use_muon": use_muon})
+    return split
+
+
+def _config_hparams(cls: type[RuleOptimizer], config: Any) -> dict[str, Any]:
+    """The hyperparameters ``config`` sets for ``cls`` (a ``None`` in the config leaves our default)."""
+    hparams = {"lr": config.lr, "weight_decay": config.weight_decay}
+    if "betas" in cls.DEFAULTS:
+        hparams["betas"] = (config.adam_beta1, config.adam_beta2)
+    if "eps" in cls.DEFAULTS:
+        hparams["eps"] = config.adam_eps
+    return {key: value for key, value in hparams.items() if value is not None}
+
+
+def _grad_scaler(config: Any) -> Any:
+    from megatron.core.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
+
+    if config.loss_scale:
+        return ConstantGradScaler(config.loss_scale)
+    if config.fp16:
+        return DynamicGradScaler(
+            initial_scale=config.initial_loss_scale, min_scale=config.min_loss_scale, growth_factor=2.0,
+            backoff_factor=0.5, growth_interval=config.loss_scale_window, hysteresis=config.hysteresis,
+        )
+    return None
+
+
+def _distributed_optimizer(
+    inner: RuleOptimizer, config: Any, model_chunks: Sequence[Any], buffers: Any, groups: dict[str, Any]
+) -> Any:
+    """Megatron's ``DistributedOptimizer`` with ``inner`` as its inner optimizer, stepping main shards.
+
+    Megatron 0.16 accepts only Adam-type inner optimizers (an isinstance check made for its checkpoint format),
+    so it is built around a stateless ``torch.optim.AdamW`` placeholder over the same groups, in the same order;
+    the main shards it puts in the placeholder's groups then move into ``inner``'s groups, and ``inner``
+    replaces the placeholder. Collective over all ranks."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    placeholder = torch.optim.AdamW([{"params": list(g["params"])} for g in inner.param_groups], lr=0.0)
+    wrapper = DistributedOptimizer(
+        placeholder, config, _grad_scaler(config), None,
+        model_chunks=list(model_chunks), per_model_buffers=buffers,
+        data_parallel_group=groups["intra_dp_cp_group"], data_parallel_group_gloo=groups["intra_dp_cp_group_gloo"],
+        data_parallel_group_idx=torch.distributed.get_rank(groups["mp_group"]), distributed_optimizer_instance_id=0,
+    )
+    for ours, theirs in zip(inner.param_groups, wrapper.optimizer.param_groups, strict=True):
+        ours["params"] = list(theirs["params"])
+    wrapper.optimizer = inner
+    return wrapper
+
+
+def get_optimizer(
+    config: Any,
+    model_chunks: Sequence[torch.nn.Module],
+    optimizer_name: str = "mgup_adamw",
+    config_overrides: dict[Any, Any] | None = None,
+    use_gloo_process_groups: bool = True,
+    **hparams: Any,
+) -> Any:
+    """A Megatron ``ChainedOptimizer`` (as ``get_megatron_optimizer`` returns) around one ``DistributedOptimizer``
+    whose inner optimizer is mgup_dist's ``optimizer_name`` (e.g. ``"mgup_adamw"``, ``"mgup_muon"``,
+    ``"alpha_adam"``, ``"mars_m"``). ``config``: Megatron's ``OptimizerConfig`` (its ``optimizer`` field is
+    ignored); ``model_chunks``: the model's Megatron ``DistributedDataParallel`` chunks; ``config_overrides``
+    as in Megatron. Collective over all ranks (called on every rank after
+    ``parallel_state.initialize_model_parallel``)."""
+    from megatron.core import parallel_state
+    from megatron.core.optimizer import ChainedOptimizer, _get_param_groups_and_buffers
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    cls = optimizer_class(optimizer_name)
+    _check_supported(config, model_chunks)
+    groups = ProcessGroupCollection.setup_process_groups_for_optimizer(None, model_chunks, use_gloo_process_groups)
+    param_groups, buffers = _get_param_groups_and_buffers(
+        list(model_chunks), 0, config, config_overrides, lambda g: True, "buffers"
+    )
+    if any(g["is_expert_parallel"] and g["params"] for g in param_groups):
+        raise NotImplementedError("expert-parallel (MoE) parameters are not supported yet")
+    param_groups = [g for g in param_groups if not g["is_expert_parallel"]]
+    if issubclass(cls, MuonFamily):
+        param_groups = _split_for_muon(param_groups, _matrix_ids(model_chunks))
+    model_params = [list(g["params"]) for g in param_groups]
+    inner = cls(param_groups, **{**_config_hparams(cls, config), **hparams})
+    wrapper = _distributed_optimizer(inner, config, model_chunks, buffers, groups)
+    wrapper.grad_stats_parallel_group = groups["intra_dist_opt_group"]
+    wrapper.tp_group = parallel_state.get_tensor_model_parallel_group()
+    comm = Collectives(groups["intra_dp_cp_group"])
+    entries = shard_entries(wrapper, model_params)
+    inner.distributor = MegatronShardDistributor(
+        ShardedOps(comm, DistributedOrthogonalizer(comm)), entries, check_cover(entries, comm)
+    )
+    return ChainedOptimizer([wrapper])

@@ -1,0 +1,137 @@
+"""`MegatronShardDistributor`: steps our rules on the 1-D parameter shards of Megatron's ``DistributedOptimizer``.
+
+Megatron-core's distributed optimizer cuts each DDP gradient buffer into one contiguous range per data-parallel
+rank, without respecting parameter boundaries, and hands the inner optimizer one 1-D fp32 *main shard* per
+parameter that overlaps this rank's range (``param_groups[g]["params"]``; a view of the parameter itself for fp32
+parameters, an fp32 copy for 16-bit ones). Its bookkeeping says which range of the parameter's row-major
+flattening each shard is (``param_range_map[param]["param"]``), which is exactly a `Segment`.
+
+Every rank steps every logical tensor, in the order our optimizer was built with (identical on all ranks of the
+data-parallel group), with empty pieces for tensors it holds none of, so all ranks make the same collective
+calls. Optimizer state of a held piece is ``optimizer.state[main_shard]`` (where Megatron looks for it); a
+tensor this rank holds nothing of keeps its per-tensor scalars in the distributor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from mgup_dist.ops.base import TensorOps
+from mgup_dist.optim.nonfinite import any_rank
+from mgup_dist.optim.param_groups import logical_shape
+from mgup_dist.rules.slot import Slot
+from mgup_dist.shard.collectives import Collectives
+from mgup_dist.shard.layout import ShardLayout
+from mgup_dist.shard.ops import ShardedOps
+from mgup_dist.shard.segment import Segment
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """One logical tensor as this rank sees it: the model parameter, the index of its group in the inner
+    optimizer's ``param_groups``, this rank's `Segment` and its main shard (``None`` when the segment is empty)."""
+
+    model_param: torch.Tensor
+    group_index: int
+    segment: Segment
+    main: torch.Tensor | None
+
+
+def main_shards(wrapper: Any) -> dict[int, torch.Tensor]:
+    """``id(model parameter) -> main shard`` for every parameter of which ``wrapper`` (a Megatron
+    ``DistributedOptimizer``) gives this rank a piece."""
+    pairs = (
+        (wrapper.model_fp32_groups, wrapper.shard_fp32_groups),
+        (wrapper.model_float16_groups, wrapper.shard_fp32_from_float16_groups),
+    )
+    shards: dict[int, torch.Tensor] = {}
+    for model_groups, shard_groups in pairs:
+        for model_group, shard_group in zip(model_groups, shard_groups):
+            shards.update((id(p), s) for p, s in zip(model_group, shard_group))
+    return shards
+
+
+def shard_entries(wrapper: Any, groups: Sequence[Sequence[torch.Tensor]]) -> list[ShardEntry]:
+    """The entries of every parameter of ``groups`` (the model parameters of each inner-optimizer group, in the
+    order the inner optimizer was built with), numbered in that order."""
+    shards = main_shards(wrapper)
+    entries = []
+    for group_index, params in enumerate(groups):
+        for param in params:
+            shape = logical_shape(param)
+            main = shards.get(id(param))
+            if main is None:
+                segment = Segment(len(entries), shape, 0, 0)
+            else:
+                bounds = wrapper._get_model_param_range_map(param)["param"]
+                segment = Segment(len(entries), shape, bounds.start, bounds.end)
+                if main.numel() != segment.length:
+                    raise RuntimeError(
+                        f"Megatron's main shard of a parameter of shape {shape} has {main.numel()} elements but "
+                        f"its range [{segment.lo}, {segment.hi}) has {segment.length}"
+                    )
+            entries.append(ShardEntry(param, group_index, segment, main))
+    return entries
+
+
+def check_cover(entries: Sequence[ShardEntry], comm: Collectives) -> ShardLayout:
+    """The global layout of all ranks' segments; `ValueError` on every rank unless they cover every tensor
+    exactly once. Collective over ``comm``."""
+    mine = torch.tensor([[e.segment.lo, e.segment.hi] for e in entries], dtype=torch.int64).reshape(-1)
+    table = comm.all_gather_scalars(mine).view(comm.world_size, len(entries), 2)
+    try:
+        return ShardLayout([e.segment.shape for e in entries], table.tolist())
+    except ValueError as error:
+        raise ValueError(f"Megatron's distributed-optimizer ranges miss or overlap elements: {error}") from None
+
+
+class MegatronShardDistributor:
+    """Distributor (`mgup_dist.optim.distributor.Distributor`) over Megatron's main shards.
+
+    ``entries``: every logical tensor in step order (`shard_entries`); ``ops`` resolves the rules' requests over
+    the distributed optimizer's data-parallel group (`ShardedOps`); ``layout``: all ranks' segments.
+    """
+
+    sharded = True
+
+    def __init__(self, ops: TensorOps, entries: Sequence[ShardEntry], layout: ShardLayout) -> None:
+        self.ops = ops
+        self.entries = list(entries)
+        self.layout = layout
+        self._empty_states: dict[int, dict[str, Any]] = {e.segment.index: {} for e in entries if e.main is None}
+
+    def segment_map(self, optimizer: torch.optim.Optimizer) -> dict[int, Segment]:
+        """Not available yet: checkpoint through Megatron (``sharded_state_dict``) is not wired to our state."""
+        raise TypeError(
+            "mgup_dist.checkpoint does not support Megatron's distributed optimizer; its state lives in "
+            "optimizer.state[main_shard] of the inner optimizer"
+        )
+
+    def any_rank(self, flag: torch.Tensor) -> bool:
+        """``flag`` ORed over the data-parallel group (one all-reduce)."""
+        return any_rank(self.ops.comm if isinstance(self.ops, ShardedOps) else None, flag)
+
+    def _local(self, optimizer: torch.optim.Optimizer, entry: ShardEntry) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        main = entry.main
+        if main is None:
+            empty = torch.empty(0, dtype=torch.float32, device=entry.model_param.device)
+            return self._empty_states[entry.segment.index], empty, empty
+        if main.grad is None:
+            raise RuntimeError(
+                f"Megatron gave no gradient to the main shard of tensor {entry.segment.index} (shape "
+                f"{entry.segment.shape}); every rank must step every tensor"
+            )
+        return optimizer.state[main], main.detach(), main.grad
+
+    def slots(self, optimizer: torch.optim.Optimizer) -> Iterator[tuple[dict[str, Any], Slot]]:
+        for entry in self.entries:
+            state, param, grad = self._local(optimizer, entry)
+            yield optimizer.param_groups[entry.group_index], Slot(
+                param=param,
+                grad=grad,
+                state=state,
+                segment=entry.segment,
+                allocate=lambda dtype, n=entry.segment.length, d=param.device: torch.zeros(n, dtype=dtype, device=d),
+            )
