@@ -14,6 +14,11 @@ gradients), and then, with policy
 
 ``skipped_steps`` is a per-process counter of this session; it is not part of the optimizer's ``state_dict``
 (the launcher persists it in its trainer state).
+
+Scope: the guard covers one ``step()`` call. DeepSpeed ZeRO-1/2 calls ``step()`` once per param group (ZeRO-3
+once per sub-group), so there each group is guarded and counted on its own (DeepSpeed itself skips the whole
+step on a non-finite gradient norm, except in bf16). MARS exact mode's ``update_previous_grad`` runs outside
+``step()`` and is not guarded.
 """
 from __future__ import annotations
 
@@ -89,7 +94,9 @@ class NonFiniteGuard:
         group_index = next(i for i, g in enumerate(optimizer.param_groups) if g is group)
         return f"param group {group_index}, tensor {index}, shape {shape}"
 
-    def check(self, optimizer: torch.optim.Optimizer, slots: Sequence[tuple[dict[str, Any], Slot]], distributor: Any) -> bool:
+    def check(
+        self, optimizer: torch.optim.Optimizer, slots: Sequence[tuple[dict[str, Any], Slot]], distributor: Any
+    ) -> bool:
         """True when the step must be skipped (some rank holds a non-finite gradient and the policy is
         ``"skip"``); raises `NonFiniteGradientError` under ``"raise"``. Collective over ``distributor``'s ranks."""
         flags = nonfinite_flags([slot.grad for _, slot in slots])
