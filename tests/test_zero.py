@@ -191,3 +191,27 @@ def test_bf16_model_with_fp32_master_matches_reference(name: str) -> None:
     for got0, got1, want in zip(mine0, mine1, reference):
         assert got0.dtype == torch.bfloat16
         assert torch.equal(got0, want) and torch.equal(got1, want)
+
+
+def _bytes_per_step(rank: int, world_size: int, names: list[str]) -> dict[str, dict[str, int]]:
+    out = {}
+    for name in names:
+        model, opt = _build(name, seed=7)
+        engine = ZeroEngine(model, opt, stage=2, layout="layerwise")
+        for micro in _batches(world_size)[:2]:
+            engine.zero_grad()
+            _loss(model, micro[rank]).backward()
+            engine.comm.reset_stats()
+            engine.step()
+        out[name] = {kind: s.bytes for kind, s in engine.comm.stats.items()}
+    return out
+
+
+def test_layerwise_muon_family_sends_exactly_what_zero_adamw_sends() -> None:
+    """On the layer-wise layout every matrix is whole on its owner: Newton-Schulz (and MARS-M's norm) need no
+    traffic beyond ZeRO AdamW's gradient reduce-scatter and parameter all-gather."""
+    for per_rank in run_distributed(2, _bytes_per_step, ["adamw", "muon", "mars_m"]):
+        assert per_rank["muon"] == per_rank["adamw"], per_rank
+        assert "all_to_all" not in per_rank["muon"]
+        # MARS-M adds only its clip norms: one float64 per matrix-path tensor (up.weight, down.weight).
+        assert sum(per_rank["mars_m"].values()) - sum(per_rank["adamw"].values()) == 8 * 2

@@ -44,6 +44,7 @@ import torch
 from mgup_dist.rules.newton_schulz import NS_COEFFICIENTS, NS_EPS, newton_schulz
 from mgup_dist.rules.requests import Orthogonalize
 from mgup_dist.shard.collectives import Collectives
+from mgup_dist.shard.layout import ShardLayout
 from mgup_dist.shard.planner import balanced_owners, ns_cost
 from mgup_dist.shard.regions import Region, block_view, even_blocks, flat_view, runs
 
@@ -134,13 +135,16 @@ class DistributedOrthogonalizer:
     the latest call: the computing rank in gathered mode, ``None`` for sharded or empty matrices).
     """
 
-    def __init__(self, comm: Collectives, gather_max_numel: int | None = None) -> None:
+    def __init__(
+        self, comm: Collectives, gather_max_numel: int | None = None, layout: ShardLayout | None = None
+    ) -> None:
         if gather_max_numel is not None and (
             isinstance(gather_max_numel, bool) or not isinstance(gather_max_numel, int) or gather_max_numel < 0
         ):
             raise ValueError(f"gather_max_numel must be None or a non-negative int, got {gather_max_numel!r}")
         self.comm = comm
         self.gather_max_numel = gather_max_numel
+        self.layout = layout
         self.ns_calls = 0
         self.sharded_calls = 0
         self.last_owners: list[int | None] = []
@@ -163,13 +167,28 @@ class DistributedOrthogonalizer:
         return answers
 
     def _exchange_metadata(self, requests: list[Orthogonalize]) -> torch.Tensor:
-        """``(world, n, 6)`` int64 table of every rank's ``(lo, hi, rows, cols, steps, dtype)``; checked."""
-        rows = [
-            (r.segment.lo, r.segment.hi, r.rows, r.cols, r.steps, _DTYPES.index(r.dtype)) for r in requests
-        ]
-        local = torch.tensor(rows, dtype=torch.int64, device=requests[0].local.device).view(-1)
-        table = self.comm.all_gather_scalars(local) if self.comm.world_size > 1 else local.unsqueeze(0)
-        table = table.view(self.comm.world_size, len(requests), _FIELDS).cpu()
+        """``(world, n, 6)`` int64 table of every rank's ``(lo, hi, rows, cols, steps, dtype)``; checked.
+
+        With a ``layout`` (global knowledge every rank shares, e.g. our ZeRO engine's) the table is built
+        locally and nothing is sent; otherwise one small all-gather per round."""
+        def row(r: Orthogonalize, lo: int, hi: int) -> tuple[int, ...]:
+            return (lo, hi, r.rows, r.cols, r.steps, _DTYPES.index(r.dtype))
+
+        if self.layout is not None:
+            table = torch.tensor(
+                [[row(r, *self.layout.bounds[rank][r.segment.index]) for r in requests]
+                 for rank in range(self.comm.world_size)],
+                dtype=torch.int64,
+            )
+            mine = [row(r, r.segment.lo, r.segment.hi) for r in requests]
+            if table[self.comm.rank].tolist() != [list(x) for x in mine]:
+                raise ValueError("the requests' segments differ from the layout given to DistributedOrthogonalizer")
+        else:
+            local = torch.tensor(
+                [row(r, r.segment.lo, r.segment.hi) for r in requests], dtype=torch.int64, device=requests[0].local.device
+            ).view(-1)
+            table = self.comm.all_gather_scalars(local) if self.comm.world_size > 1 else local.unsqueeze(0)
+            table = table.view(self.comm.world_size, len(requests), _FIELDS).cpu()
         _check_agreement(requests, table)
         return table
 
