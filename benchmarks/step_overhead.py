@@ -14,17 +14,18 @@ and c_proj 3072x768 (each with a bias) and two LayerNorms, and a final LayerNorm
 normals, with the embedding rows of tokens absent from a batch (`ABSENT_TOKENS` of the vocabulary) zero, as
 in training: zero gradients give zero MGUP scores and so the tie-heavy path of the selection.
 
-Each optimizer takes ``--warmup`` untimed steps, then its timed steps; the table reports the median. All
-but the Muon family are built side by side (about 9 GB of state for GPT-2 small) and timed in rounds, one
-step of each per round, so changes in the machine's load hit them alike. The Muon family (Newton–Schulz of
-every block matrix, slow on a few CPU threads) is timed alone for at most `SLOW_STEPS` steps after one
-warm-up step, so a full run stays within a few minutes; the table shows the counts. Wall-clock times on a
-shared machine include other processes' load (the load average is recorded).
+Each optimizer runs alone: ``--warmup`` untimed steps, then its timed steps; the table reports the median
+and the fastest. The Muon family (Newton–Schulz of every block matrix, slow on a few CPU threads) takes at
+most `SLOW_STEPS` timed steps after one warm-up step, so a full run stays within a few minutes; the table
+shows the counts. On CPU a step is bound by memory traffic and by the page faults of freshly allocated
+temporaries; wall-clock times on a shared machine also include other processes' load (the load average is
+recorded), which can move the ratios by tens of percent.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import os
 import platform
 import re
@@ -163,46 +164,38 @@ def load_average() -> str:
     return " ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
 
 
-def measure(shape: Shape, steps: int, warmup: int) -> tuple[int, list[tuple[str, int, float]]]:
-    """The parameter count, and ``(optimizer, timed steps, median seconds)`` per optimizer in
-    `optimizer_factories` order. The optimizers other than the Muon family live side by side and are timed
-    in rounds (one step of each per round), so a change in the machine's load hits them alike; the Muon
-    family is timed one optimizer at a time, for at most `SLOW_STEPS` steps after one warm-up step."""
+def measure(shape: Shape, steps: int, warmup: int) -> tuple[int, dict[str, list[float]]]:
+    """The parameter count, and the seconds of each timed step per optimizer, in `optimizer_factories`
+    order. Each optimizer runs alone, its state freed before the next is built (as in training, one
+    optimizer's state per process: with several alive, their heap interplay distorts the fresh-allocation
+    costs that dominate a CPU step). The Muon family takes at most one warm-up and `SLOW_STEPS` timed steps."""
     model = GPT2Parameters(shape)
     set_gradients(model)
-    factories = optimizer_factories(model)
-    times: dict[str, list[float]] = {name: [] for name in factories}
-    side_by_side = {name: factory() for name, factory in factories.items() if not in_muon_family(name)}
-    for optimizer in side_by_side.values():
-        for _ in range(warmup):
+    times: dict[str, list[float]] = {}
+    for name, factory in optimizer_factories(model).items():
+        slow = in_muon_family(name)
+        optimizer = factory()
+        for _ in range(min(warmup, 1) if slow else warmup):
             optimizer.step()
-    for _ in range(steps):
-        for name, optimizer in side_by_side.items():
-            times[name].append(timed_step(optimizer))
-    del side_by_side
-    for name in filter(in_muon_family, factories):
-        optimizer = factories[name]()
-        for _ in range(min(warmup, 1)):
-            optimizer.step()
-        times[name] = [timed_step(optimizer) for _ in range(min(steps, SLOW_STEPS))]
+        times[name] = [timed_step(optimizer) for _ in range(min(steps, SLOW_STEPS) if slow else steps)]
         del optimizer
-    rows = [(name, len(times[name]), statistics.median(times[name])) for name in factories]
-    for name, count, seconds in rows:
-        print(f"{name:32s} {count:2d} steps  median {seconds * 1e3:9.1f} ms", file=sys.stderr, flush=True)
-    return sum(p.numel() for p in model.parameters()), rows
+        gc.collect()
+        print(f"{name:32s} ms per step: {[round(t * 1e3) for t in times[name]]}", file=sys.stderr, flush=True)
+    return sum(p.numel() for p in model.parameters()), times
 
 
-def table(rows: list[tuple[str, int, float]]) -> str:
-    """Markdown table with ratios to torch's AdamW(foreach) and to mgup_dist's AdamW."""
-    medians = {name: seconds for name, _, seconds in rows}
+def table(times: dict[str, list[float]]) -> str:
+    """Markdown table: median and fastest step, and the medians' ratios to torch's AdamW(foreach) and to
+    mgup_dist's AdamW; then the two target ratios."""
+    medians = {name: statistics.median(seconds) for name, seconds in times.items()}
     lines = [
-        "| optimizer | timed steps | median ms | vs torch AdamW (foreach) | vs our AdamW |",
-        "|---|---:|---:|---:|---:|",
+        "| optimizer | timed steps | median ms | fastest ms | vs torch AdamW (foreach) | vs our AdamW |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
-    for name, count, seconds in rows:
+    for name, seconds in times.items():
         lines.append(
-            f"| {name} | {count} | {seconds * 1e3:.1f} | {seconds / medians[TORCH_ADAMW]:.2f}x "
-            f"| {seconds / medians['adamw']:.2f}x |"
+            f"| {name} | {len(seconds)} | {medians[name] * 1e3:.1f} | {min(seconds) * 1e3:.1f} "
+            f"| {medians[name] / medians[TORCH_ADAMW]:.2f}x | {medians[name] / medians['adamw']:.2f}x |"
         )
     mgup = medians["mgup_adamw"]
     lines.append(
@@ -235,8 +228,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     shape = SMOKE if args.small else GPT2_SMALL
     load_before = load_average()
     started = time.perf_counter()
-    numel, rows = measure(shape, args.steps, args.warmup)
-    result = table(rows)
+    numel, times = measure(shape, args.steps, args.warmup)
+    result = table(times)
     print(result)
     if args.out is not None:
         command = " ".join(["python -m benchmarks.step_overhead", *(argv if argv is not None else sys.argv[1:])])
