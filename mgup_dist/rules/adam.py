@@ -36,8 +36,9 @@ def flavour_a_step_size(lr: float, beta1: float, beta2: float, step: int, correc
 
 
 def adam_direction(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, eps: float) -> torch.Tensor:
-    """``u = m/(sqrt(v) + ε)``, a fresh tensor (not bias-corrected)."""
-    return exp_avg / exp_avg_sq.sqrt().add_(eps)
+    """``u = m/(sqrt(v) + ε)``, a fresh tensor (not bias-corrected); one temporary, divided into in place."""
+    denom = exp_avg_sq.sqrt().add_(eps)
+    return torch.div(exp_avg, denom, out=denom)
 
 
 def _adam_moments_and_direction(

@@ -208,6 +208,33 @@ def test_one_pass_for_typical_scores(kind: str, collected: bool, monkeypatch: py
     assert collected or threshold.ties > 50_000  # the k-th value is the big block's
 
 
+def test_brackets_after_a_miss_come_from_the_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sample shifted off the scores makes passes miss; every later bracket is drawn from the sample values
+    inside the interval known to hold the k-th value, and the answer stays exact."""
+    calls = []
+    original_bracket, original_sample = select._bracket, select._sample
+
+    def recording(pool, interval, k, widen):
+        calls.append((pool.copy(), interval))
+        return original_bracket(pool, interval, k, widen)
+
+    monkeypatch.setattr(select, "_bracket", recording)
+    monkeypatch.setattr(select, "_sample", lambda values: original_sample(values) + np.float32(1e-3))
+    scores = make_scores("products", 200_000, seed=11)
+    assert_exact(scores, 100_000)
+    assert len(calls) > 1
+    for pool, interval in calls[1:]:
+        assert len(pool) and np.all((pool > interval.low) & (pool <= interval.high))
+
+
+@pytest.mark.parametrize("columns", [768, 2304, 3072, 4096])
+def test_sample_spans_every_column(columns: int) -> None:
+    """The sample's stride is prime to 2 and 3, so a row-major matrix of power-of-two or 3·2**j columns is
+    sampled in every column (a stride sharing a factor with the row length would see only some columns)."""
+    values = (np.arange(columns * 1024) % columns).astype(np.float32)
+    assert np.unique(select._sample(values)).size == columns
+
+
 def test_kth_largest_counts() -> None:
     scores = make_scores("few", 20_000, seed=5)
     ordered = np.sort(scores.numpy())[::-1]

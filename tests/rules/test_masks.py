@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from mgup_dist.ops.local import LocalOps
+from mgup_dist.rules import masks
 from mgup_dist.rules.masks import dynamic_factors, mgup_factors
 from mgup_dist.rules.requests import NonFiniteScoresError
 from mgup_dist.rules.slot import Slot
@@ -113,3 +114,21 @@ def test_dynamic_factors_smooth_alpha_bar_from_one() -> None:
         expected = rho * expected + (1 - rho) * max(count / 8, 0.05)
         assert state["alpha_bar"] == expected
         assert torch.equal(phi, _expected(aligned, expected))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_sign_factors_are_where_bit_for_bit(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The where-free construction (blocked on CPU: blocks of 7 here) gives exactly ``torch.where``'s values in
+    ``dtype``: values rounded once, signed zeros, values beyond the clamp span and infinities included."""
+    monkeypatch.setattr(masks, "_CPU_BLOCK", 7)
+    selected = torch.rand(3, 10, generator=torch.Generator().manual_seed(3)) < 0.5
+    values = [2.0, 0.1, 0.0, -0.0, 1 / 3, -5.5, 1e-30, 3e38, 65504.0, 1e5, 2.0**100, float("inf")]
+    as_bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
+    for high in values:
+        for low in values:
+            expected = torch.where(selected, torch.tensor(high, dtype=dtype), torch.tensor(low, dtype=dtype))
+            out = torch.empty(selected.shape, dtype=dtype)
+            written = masks.sign_factors(selected, high, low, dtype, out=out)
+            assert written.data_ptr() == out.data_ptr()
+            for got in (masks.sign_factors(selected, high, low, dtype), written):
+                assert torch.equal(got.view(as_bits), expected.view(as_bits)), (high, low)
