@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from benchmarks.results_page import RESULTS, replace_section
 from mgup_dist.shard.planner import balanced_owners, ns_cost, plan_summary
 
-SECTION = "## Owner-plan balance"
-RESULTS = Path(__file__).with_name("RESULTS.md")
+TITLE = "Owner-plan balance"
+SECTION = f"## {TITLE}"
 WORLD_SIZES = (8, 64, 512)
 TARGET = 1.10
 
@@ -90,23 +91,10 @@ def table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, body: str) -> None:
-    """Replaces (or appends) the `SECTION` of ``path``, leaving every other section as it is."""
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
-    start = text.find(SECTION + "\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + body
-    else:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + body + ("" if end < 0 else "\n" + text[end + 1 :])
-    path.write_text(text.rstrip("\n") + "\n", encoding="utf-8")
-
-
 def section(rows: Sequence[Row], command: str) -> str:
-    """The RESULTS.md section: command, date, what is measured, the table."""
+    """The RESULTS.md section's body: command, date, what is measured, the table."""
     today = datetime.date.today().isoformat()
     return (
-        f"{SECTION}\n\n"
         f"Command: `{command}` ({today}). Planner only: `balanced_owners` (LPT, replaced by MULTIFIT where that "
         "is better) over the ≥2-D block weights (embeddings and head excluded, as `muon_param_groups` does), cost "
         "per matrix `max(m,n)·min(m,n)²`. max/mean is the most loaded rank's NS cost over the mean; 'lower bound' "
@@ -130,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     print(table(rows))
     if not args.no_write:
         command = "python -m benchmarks.owner_balance " + " ".join(argv if argv is not None else sys.argv[1:])
-        write_section(args.results, section(rows, command.strip()))
+        replace_section(args.results, TITLE, section(rows, command.strip()))
     return rows
 
 

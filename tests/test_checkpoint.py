@@ -25,15 +25,6 @@ HALF = 3
 MICRO = 2  # micro-batches per step: one per rank at W=2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Ranks run with one thread; matmul results can depend on the thread count, so in-process runs match it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _build(name: str) -> tuple[nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(3)
     model = TinyLM()

@@ -60,19 +60,27 @@ def _batches(world_size: int) -> list[list[torch.Tensor]]:
     return [[torch.randint(0, 29, (3, 9), generator=gen) for _ in range(world_size)] for _ in range(STEPS)]
 
 
+def _averaged_grads(model: nn.Module, micro: list[torch.Tensor], world_size: int) -> list[torch.Tensor]:
+    """The engines' gradient: each rank's micro-batch gradient in float32, summed in rank order, over W."""
+    grads = []
+    for tokens in micro:
+        model.zero_grad(set_to_none=True)
+        _loss(model, tokens).backward()
+        grads.append([p.grad.float() for p in model.parameters()])
+    averaged = []
+    for per_rank in zip(*grads):
+        total = per_rank[0].clone()
+        for g in per_rank[1:]:
+            total += g
+        averaged.append(total / world_size)
+    return averaged
+
+
 def _reference(name: str, world_size: int) -> list[torch.Tensor]:
     model, opt = _build(name, seed=7)
     for micro in _batches(world_size):
-        grads = []
-        for tokens in micro:
-            model.zero_grad(set_to_none=True)
-            _loss(model, tokens).backward()
-            grads.append([p.grad.clone() for p in model.parameters()])
-        for p, per_rank in zip(model.parameters(), zip(*grads)):
-            total = per_rank[0].clone()
-            for g in per_rank[1:]:
-                total += g
-            p.grad = total / world_size
+        for p, grad in zip(model.parameters(), _averaged_grads(model, micro, world_size)):
+            p.grad = grad
         opt.step()
     return [p.detach().clone() for p in model.parameters()]
 
@@ -171,13 +179,8 @@ def _bf16_master(rank: int, world_size: int, name: str) -> tuple[list, list | No
     _, ref_opt = _build(name, seed=7)
     ref_opt = type(ref_opt)(master, **{k: v for k, v in ref_opt.defaults.items()})
     for micro in _batches(world_size):
-        grads = []
-        for tokens in micro:
-            ref_model.zero_grad(set_to_none=True)
-            _loss(ref_model, tokens).backward()
-            grads.append([p.grad.float() for p in ref_model.parameters()])
-        for m, per_rank in zip(master, zip(*grads)):
-            m.grad = (per_rank[0] + per_rank[1]) / world_size
+        for m, grad in zip(master, _averaged_grads(ref_model, micro, world_size)):
+            m.grad = grad
         ref_opt.step()
         with torch.no_grad():
             for p, m in zip(ref_model.parameters(), master):

@@ -1,13 +1,13 @@
-"""Shared fixtures for the launcher tests: a nano-sized run config written to a temporary file, one thread."""
+"""Shared fixtures for the launcher tests: a nano-sized run config written to a temporary file
+(one intra-op thread comes from tests/conftest.py)."""
 from __future__ import annotations
 
 import copy
 import json
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
-import torch
 
 NANO_RUN: dict[str, Any] = {
     "model": "nano",
@@ -18,16 +18,6 @@ NANO_RUN: dict[str, Any] = {
     "data": {"max_bytes": 60000},
     "backend": "single",
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """In-process training runs use one intra-op thread, as under torchrun (OMP_NUM_THREADS=1): with the
-    2 cores shared by pytest workers, more threads only add spin-wait contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
