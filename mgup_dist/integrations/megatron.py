@@ -15,9 +15,24 @@ Muon-family optimizers route a parameter to the matrix path iff its logical shap
 not an embedding or output layer (Megatron's ``is_embedding_or_output_parameter``, or as `muon_param_groups`
 finds them in a plain module).
 
-Supported so far: data parallelism (tensor- and pipeline-parallel size 1), dense parameters (no MoE expert
-parallelism), Megatron's DDP with ``use_distributed_optimizer=True``. Megatron needs CUDA; on CPU it only runs
-under a test shim.
+Tensor parallelism: the logical tensor of a split parameter is the whole matrix (the tensor-parallel pieces
+concatenated along ``partition_dim``), and our operations act on it: top-k masks with the global tie rule,
+Newton-Schulz of the whole matrix gathered to one owner, sums over all pieces. So TP=2 gives the update TP=1
+gives for the same gradient (bit for bit; `tests/integrations/test_megatron_parallel.py`). Split parameters are
+sharded over the tensor-and-data-parallel group (row-parallel weights as column-block `Segment`\ s); parameters
+each tensor-parallel rank holds whole (norms, row-parallel biases) over the data-parallel group, each rank
+stepping its identical replica. Caveat: with gated linear units (SwiGLU) Megatron's ``linear_fc1`` pieces are
+``[gate_t; up_t]`` per rank, so their concatenation is a row permutation of the TP=1 weight: the update is the
+same up to that permutation's effect on Newton-Schulz rounding and on top-k tie order.
+
+Pipeline parallelism: each stage's optimizer steps its own parameters over its own groups; Megatron's gradient
+norm (clipping) spans the stages as in Megatron, and our non-finite flag is ORed over every rank of the
+distributed-optimizer instance, so all stages skip a step together.
+
+Supported: DP, TP (stride-1 splits of dim 0 or 1), PP and their products, dense parameters (no MoE expert
+parallelism, no virtual pipeline stages), Megatron's DDP with ``use_distributed_optimizer=True``. Tested on
+gloo: DP=2, TP=2, TP=2 × DP=2, PP=2 (the PP test drives the stages by hand, not Megatron's p2p schedule);
+sequence and context parallelism are untested. Megatron needs CUDA; on CPU it only runs under a test shim.
 """
 from __future__ import annotations
 
@@ -31,7 +46,7 @@ from mgup_dist.optim.muon import MuonFamily
 from mgup_dist.optim.param_groups import muon_param_groups
 from mgup_dist.optim.registry import optimizer_class
 from mgup_dist.shard.collectives import Collectives
-from mgup_dist.shard.ops import ShardedOps
+from mgup_dist.shard.ops import RoutedOps, ShardedOps
 from mgup_dist.shard.orthogonalize import DistributedOrthogonalizer
 
 
@@ -46,12 +61,10 @@ def _check_supported(config: Any, model_chunks: Sequence[Any]) -> None:
         raise TypeError("model_chunks must be a non-empty list of Megatron DistributedDataParallel modules")
     if any(c.ddp_config.use_megatron_fsdp or not c.ddp_config.use_distributed_optimizer for c in model_chunks):
         raise ValueError("wrap the model with DistributedDataParallelConfig(use_distributed_optimizer=True), no FSDP")
-    sizes = (
-        parallel_state.get_tensor_model_parallel_world_size(),
-        parallel_state.get_pipeline_model_parallel_world_size(),
-    )
-    if sizes != (1, 1):
-        raise NotImplementedError(f"tensor/pipeline parallelism {sizes} is not supported yet (only TP=1, PP=1)")
+    if parallel_state.get_expert_model_parallel_world_size() != 1:
+        raise NotImplementedError("expert parallelism (MoE) is not supported yet")
+    if parallel_state.get_virtual_pipeline_model_parallel_world_size() not in (None, 1):
+        raise NotImplementedError("virtual (interleaved) pipeline stages are not supported yet")
 
 
 def _matrix_ids(model_chunks: Sequence[torch.nn.Module]) -> set[int]:
@@ -156,9 +169,26 @@ def get_optimizer(
     wrapper = _distributed_optimizer(inner, config, model_chunks, buffers, groups)
     wrapper.grad_stats_parallel_group = groups["intra_dist_opt_group"]
     wrapper.tp_group = parallel_state.get_tensor_model_parallel_group()
-    comm = Collectives(groups["intra_dp_cp_group"])
-    entries = shard_entries(wrapper, model_params)
-    inner.distributor = MegatronShardDistributor(
-        ShardedOps(comm, DistributedOrthogonalizer(comm)), entries, check_cover(entries, comm)
-    )
+    inner.distributor = _distributor(wrapper, model_params, groups)
     return ChainedOptimizer([wrapper])
+
+
+def _distributor(wrapper: Any, model_params: list[list[torch.Tensor]], groups: dict[str, Any]) -> Any:
+    """Our distributor over ``wrapper``'s main shards: tensor-parallel pieces over the tensor-and-data-parallel
+    group, everything else over the data-parallel group (one group when TP=1), the non-finite flag over the
+    whole distributed-optimizer instance. Collective (cover checks)."""
+    from megatron.core import parallel_state
+
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    entries = shard_entries(wrapper, model_params, parallel_state.get_tensor_model_parallel_rank(), tp_size)
+    dp = Collectives(groups["intra_dp_cp_group"])
+    flags = Collectives(groups["intra_dist_opt_group"])
+    if tp_size == 1:
+        ops = ShardedOps(dp, DistributedOrthogonalizer(dp))
+        return MegatronShardDistributor(ops, entries, [check_cover(entries, dp)], flags)
+    tp_dp = Collectives(parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True))
+    comms = (dp, tp_dp)
+    layouts = [check_cover([e for e in entries if e.tensor_parallel == bool(k)], c) for k, c in enumerate(comms)]
+    route = [int(e.tensor_parallel) for e in entries]
+    ops = RoutedOps([ShardedOps(c, DistributedOrthogonalizer(c)) for c in comms], route, flags)
+    return MegatronShardDistributor(ops, entries, layouts, flags)

@@ -4,7 +4,16 @@ Megatron-core's distributed optimizer cuts each DDP gradient buffer into one con
 rank, without respecting parameter boundaries, and hands the inner optimizer one 1-D fp32 *main shard* per
 parameter that overlaps this rank's range (``param_groups[g]["params"]``; a view of the parameter itself for fp32
 parameters, an fp32 copy for 16-bit ones). Its bookkeeping says which range of the parameter's row-major
-flattening each shard is (``param_range_map[param]["param"]``), which is exactly a `Segment`.
+flattening each shard is (``param_range_map[param]["param"]``), which is exactly a `Segment` of the parameter.
+
+Under tensor parallelism the *logical* tensor is the whole matrix, the concatenation of the tensor-parallel
+ranks' parameters along ``partition_dim`` (`tensor_parallel_piece`). A piece of a column-parallel parameter
+(``partition_dim`` 0) is a contiguous row block, so its segment is the same range shifted by the block's offset;
+a piece of a row-parallel one (``partition_dim`` 1) is a column block, a `Segment` with ``block``. Those tensors
+are sharded over the tensor-and-data-parallel group; parameters every tensor-parallel rank holds whole (norms,
+row-parallel biases) are sharded over the data-parallel group only, each tensor-parallel rank stepping its own
+identical replica (the same gradient, state and arithmetic, as Megatron's Adam does), so no copy needs
+broadcasting. Under pipeline parallelism a stage sees only its own parameters and its own groups.
 
 Every rank steps every logical tensor, in the order our optimizer was built with (identical on all ranks of the
 data-parallel group), with empty pieces for tensors it holds none of, so all ranks make the same collective
@@ -24,7 +33,6 @@ from mgup_dist.optim.param_groups import logical_shape
 from mgup_dist.rules.slot import Slot
 from mgup_dist.shard.collectives import Collectives
 from mgup_dist.shard.layout import ShardLayout
-from mgup_dist.shard.ops import ShardedOps
 from mgup_dist.shard.segment import Segment
 
 
@@ -37,6 +45,28 @@ class ShardEntry:
     group_index: int
     segment: Segment
     main: torch.Tensor | None
+    tensor_parallel: bool = False  # split over the tensor-parallel ranks (else held whole by each)
+
+
+def tensor_parallel_piece(
+    param: torch.Tensor, tp_rank: int, tp_size: int
+) -> tuple[tuple[int, ...], int, tuple[int, int] | None] | None:
+    """``(logical shape, flat offset, column block)`` of this tensor-parallel rank's piece of ``param`` in the
+    logical tensor, or ``None`` when ``param`` is not split (``tensor_model_parallel`` unset, or one rank).
+    `NotImplementedError` for strided splits and splits of a dimension other than 0 or 1."""
+    if tp_size == 1 or not getattr(param, "tensor_model_parallel", False):
+        return None
+    shape, dim = tuple(param.shape), getattr(param, "partition_dim", -1)
+    if getattr(param, "partition_stride", 1) != 1 or dim not in (0, 1) or (dim == 1 and len(shape) < 2):
+        raise NotImplementedError(
+            f"tensor-parallel parameter of shape {shape} split on dim {dim} with stride "
+            f"{getattr(param, 'partition_stride', 1)}: only stride-1 splits of dim 0 or dim 1 are supported"
+        )
+    logical = shape[:dim] + (shape[dim] * tp_size,) + shape[dim + 1 :]
+    if dim == 0:
+        return logical, tp_rank * param.numel(), None
+    width = param.numel() // shape[0]
+    return logical, 0, (tp_rank * width, (tp_rank + 1) * width)
 
 
 def main_shards(wrapper: Any) -> dict[int, torch.Tensor]:
@@ -53,36 +83,45 @@ def main_shards(wrapper: Any) -> dict[int, torch.Tensor]:
     return shards
 
 
-def shard_entries(wrapper: Any, groups: Sequence[Sequence[torch.Tensor]]) -> list[ShardEntry]:
+def shard_entries(
+    wrapper: Any, groups: Sequence[Sequence[torch.Tensor]], tp_rank: int = 0, tp_size: int = 1
+) -> list[ShardEntry]:
     """The entries of every parameter of ``groups`` (the model parameters of each inner-optimizer group, in the
-    order the inner optimizer was built with), numbered in that order."""
+    order the inner optimizer was built with), numbered in that order; segments of the logical tensors of
+    this tensor-parallel rank's pieces (`tensor_parallel_piece`)."""
     shards = main_shards(wrapper)
     entries = []
     for group_index, params in enumerate(groups):
         for param in params:
-            shape = logical_shape(param)
+            piece = tensor_parallel_piece(param, tp_rank, tp_size)
+            shape, offset, block = piece or (logical_shape(param), 0, None)
             main = shards.get(id(param))
             if main is None:
-                segment = Segment(len(entries), shape, 0, 0)
+                segment = Segment(len(entries), shape, 0, 0, block)
             else:
                 bounds = wrapper._get_model_param_range_map(param)["param"]
-                segment = Segment(len(entries), shape, bounds.start, bounds.end)
+                segment = Segment(len(entries), shape, offset + bounds.start, offset + bounds.end, block)
                 if main.numel() != segment.length:
                     raise RuntimeError(
                         f"Megatron's main shard of a parameter of shape {shape} has {main.numel()} elements but "
                         f"its range [{segment.lo}, {segment.hi}) has {segment.length}"
                     )
-            entries.append(ShardEntry(param, group_index, segment, main))
+            entries.append(ShardEntry(param, group_index, segment, main, piece is not None))
     return entries
 
 
 def check_cover(entries: Sequence[ShardEntry], comm: Collectives) -> ShardLayout:
-    """The global layout of all ranks' segments; `ValueError` on every rank unless they cover every tensor
-    exactly once. Collective over ``comm``."""
-    mine = torch.tensor([[e.segment.lo, e.segment.hi] for e in entries], dtype=torch.int64).reshape(-1)
-    table = comm.all_gather_scalars(mine).view(comm.world_size, len(entries), 2)
+    """The global layout of ``entries`` (position ``i`` of the layout: ``entries[i]``) over the ranks of
+    ``comm``, the group sharding them; `ValueError` on every rank unless every tensor is covered exactly
+    once. Collective over ``comm``."""
+    mine = torch.tensor(
+        [[e.segment.lo, e.segment.hi, *(e.segment.block or (0, 0))] for e in entries], dtype=torch.int64
+    ).reshape(-1)
+    table = comm.all_gather_scalars(mine).view(comm.world_size, len(entries), 4).tolist()
+    bounds = [[(lo, hi) for lo, hi, _, _ in ranks] for ranks in table]
+    blocks = [[(c0, c1) if c1 else None for _, _, c0, c1 in ranks] for ranks in table]
     try:
-        return ShardLayout([e.segment.shape for e in entries], table.tolist())
+        return ShardLayout([e.segment.shape for e in entries], bounds, blocks)
     except ValueError as error:
         raise ValueError(f"Megatron's distributed-optimizer ranges miss or overlap elements: {error}") from None
 
@@ -91,15 +130,24 @@ class MegatronShardDistributor:
     """Distributor (`mgup_dist.optim.distributor.Distributor`) over Megatron's main shards.
 
     ``entries``: every logical tensor in step order (`shard_entries`); ``ops`` resolves the rules' requests over
-    the distributed optimizer's data-parallel group (`ShardedOps`); ``layout``: all ranks' segments.
+    the groups sharding them (`ShardedOps`, or `RoutedOps` under tensor parallelism); ``layouts``: every
+    group's layout of its tensors (`check_cover`); ``flag_comm``: the group the non-finite flag is ORed over
+    (all ranks of the distributed-optimizer instance, pipeline stages included; ``None``: this process only).
     """
 
     sharded = True
 
-    def __init__(self, ops: TensorOps, entries: Sequence[ShardEntry], layout: ShardLayout) -> None:
+    def __init__(
+        self,
+        ops: TensorOps,
+        entries: Sequence[ShardEntry],
+        layouts: Sequence[ShardLayout],
+        flag_comm: Collectives | None = None,
+    ) -> None:
         self.ops = ops
         self.entries = list(entries)
-        self.layout = layout
+        self.layouts = list(layouts)
+        self.flag_comm = flag_comm
         self._empty_states: dict[int, dict[str, Any]] = {e.segment.index: {} for e in entries if e.main is None}
 
     def segment_map(self, optimizer: torch.optim.Optimizer) -> dict[int, Segment]:
@@ -110,8 +158,8 @@ class MegatronShardDistributor:
         )
 
     def any_rank(self, flag: torch.Tensor) -> bool:
-        """``flag`` ORed over the data-parallel group (one all-reduce)."""
-        return any_rank(self.ops.comm if isinstance(self.ops, ShardedOps) else None, flag)
+        """``flag`` ORed over ``flag_comm`` (one all-reduce)."""
+        return any_rank(self.flag_comm, flag)
 
     def _local(self, optimizer: torch.optim.Optimizer, entry: ShardEntry) -> tuple[Any, torch.Tensor, torch.Tensor]:
         main = entry.main

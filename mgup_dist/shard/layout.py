@@ -2,7 +2,8 @@
 
 A layout is global knowledge (every rank builds the same one): for ``world_size`` ranks and a list of logical
 shapes it gives each rank one `Segment` per tensor, a range ``[lo, hi)`` of the tensor's row-major flattening,
-possibly empty. Construction checks that the ranges of every tensor cover each of its elements exactly once.
+possibly empty (or, with ``blocks``, of one column block's flattening: tensor parallelism's column split).
+Construction checks that the ranges of every tensor cover each of its elements exactly once.
 
 Builders for the engines' schemes:
 
@@ -23,17 +24,57 @@ from mgup_dist.shard.segment import Segment
 
 Shape = tuple[int, ...]
 Bounds = tuple[int, int]
+Block = tuple[int, int] | None
+
+
+def _tile(extent: int, ranges: Sequence[tuple[int, int, int]]) -> str | None:
+    """Why ``(lo, hi, rank)`` ranges fail to tile ``[0, extent)`` exactly once, or None."""
+    covered, last_rank = 0, None
+    for lo, hi, rank in sorted(r for r in ranges if r[1] > r[0]):
+        if lo < covered:
+            return f"ranks {last_rank} and {rank} both hold [{lo}, {min(hi, covered)})"
+        if lo > covered:
+            return f"elements [{covered}, {lo}) are held by no rank"
+        covered, last_rank = hi, rank
+    return None if covered == extent else f"elements [{covered}, {extent}) are held by no rank"
+
+
+def tiling_problem(rows: int, cols: int, pieces: Sequence[tuple[int, int, int, int]]) -> str | None:
+    """Why every rank's piece ``(lo, hi, c0, c1)`` (flat range of columns ``[c0, c1)`` of a ``rows × cols``
+    matrix; rank = position) fails to cover the matrix exactly once, or None when it does. Non-empty pieces
+    must share column blocks that tile ``[0, cols)``, and each block's ranges must tile its elements."""
+    blocks: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
+    for rank, (lo, hi, c0, c1) in enumerate(pieces):
+        if hi > lo:
+            blocks.setdefault((c0, c1), []).append((lo, hi, rank))
+    edge = 0
+    for c0, c1 in sorted(blocks):
+        if c0 != edge:
+            return f"column blocks {sorted(blocks)} do not tile the {cols} columns"
+        problem = _tile(rows * (c1 - c0), blocks[c0, c1])
+        if problem:
+            return f"column block [{c0}, {c1}): {problem}"
+        edge = c1
+    return None if edge == cols else f"column blocks {sorted(blocks)} do not tile the {cols} columns"
 
 
 @dataclass(frozen=True)
 class ShardLayout:
     """``bounds[rank][index] = (lo, hi)``: the flat range of tensor ``index`` (logical shape ``shapes[index]``)
-    held by ``rank``. Raises `ValueError` unless every tensor's ranges cover its elements exactly once."""
+    held by ``rank``; ``blocks[rank][index]``, when ``blocks`` is given, the `Segment` column block that range
+    indexes into (``None``: the whole tensor). Raises `ValueError` unless every tensor's ranges cover its
+    elements exactly once."""
 
     shapes: tuple[Shape, ...]
     bounds: tuple[tuple[Bounds, ...], ...]
+    blocks: tuple[tuple[Block, ...], ...] | None = None
 
     def __post_init__(self) -> None:
+        check_shapes(self.shapes)
+        for rank, ranges in enumerate(self.bounds):
+            for index, pair in enumerate(ranges):
+                if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(_is_int(v) for v in pair):
+                    raise ValueError(f"rank {rank}'s range of tensor {index} must be an integer pair (lo, hi), got {pair!r}")
         object.__setattr__(self, "shapes", tuple(tuple(int(d) for d in s) for s in self.shapes))
         object.__setattr__(self, "bounds", tuple(tuple((int(lo), int(hi)) for lo, hi in r) for r in self.bounds))
         if not self.bounds:
@@ -41,8 +82,24 @@ class ShardLayout:
         for rank, ranges in enumerate(self.bounds):
             if len(ranges) != len(self.shapes):
                 raise ValueError(f"rank {rank} has {len(ranges)} ranges for {len(self.shapes)} tensors")
+        if self.blocks is not None:
+            blocks = tuple(tuple(None if b is None else (int(b[0]), int(b[1])) for b in r) for r in self.blocks)
+            object.__setattr__(self, "blocks", blocks)
+            if len(blocks) != self.world_size or any(len(r) != len(self.shapes) for r in blocks):
+                raise ValueError("blocks must give one entry per rank and tensor, like bounds")
         for index in range(len(self.shapes)):
-            self._check_cover(index)
+            if self.blocks is not None and any(r[index] is not None for r in self.blocks):
+                self._check_blocks(index)
+            else:
+                self._check_cover(index)
+
+    def _check_blocks(self, index: int) -> None:
+        segments = [self.segment(rank, index) for rank in range(self.world_size)]
+        rows, cols = segments[0].matrix_shape
+        pieces = [(s.lo, s.hi, s.columns(cols)[0], sum(s.columns(cols))) for s in segments]
+        problem = tiling_problem(rows, cols, pieces)
+        if problem:
+            raise ValueError(f"tensor {index} (shape {self.shapes[index]}): {problem}")
 
     def _check_cover(self, index: int) -> None:
         shape, numel = self.shapes[index], math.prod(self.shapes[index])
@@ -54,29 +111,20 @@ class ShardLayout:
                     f"tensor {index} (shape {shape}, {numel} elements): "
                     f"rank {rank}'s range [{lo}, {hi}) is out of range"
                 )
-            if hi > lo:
-                held.append((lo, hi, rank))
-        held.sort()
-        covered, last_rank = 0, None
-        for lo, hi, rank in held:
-            if lo < covered:
-                raise ValueError(
-                    f"tensor {index} (shape {shape}): ranks {last_rank} and {rank} both hold [{lo}, {min(hi, covered)})"
-                )
-            if lo > covered:
-                raise ValueError(f"tensor {index} (shape {shape}): elements [{covered}, {lo}) are held by no rank")
-            covered, last_rank = hi, rank
-        if covered != numel:
-            raise ValueError(f"tensor {index} (shape {shape}): elements [{covered}, {numel}) are held by no rank")
+            held.append((lo, hi, rank))
+        problem = _tile(numel, held)
+        if problem:
+            raise ValueError(f"tensor {index} (shape {shape}): {problem}")
 
     @property
     def world_size(self) -> int:
         return len(self.bounds)
 
     def segment(self, rank: int, index: int) -> Segment:
-        """Rank ``rank``'s segment of tensor ``index``."""
+        """Rank ``rank``'s segment of tensor ``index`` (`ValueError` if out of its range or block)."""
         lo, hi = self.bounds[rank][index]
-        return Segment(index, self.shapes[index], lo, hi)
+        block = None if self.blocks is None else self.blocks[rank][index]
+        return Segment(index, self.shapes[index], lo, hi, block)
 
     def segments(self, rank: int) -> list[Segment]:
         """Rank ``rank``'s segment of every tensor, in tensor order (empty ones included)."""
@@ -91,7 +139,19 @@ class ShardLayout:
         return sum(hi - lo for lo, hi in self.bounds[rank])
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_shapes(shapes: Sequence[Sequence[int]]) -> None:
+    """`ValueError` unless every shape is a sequence of integers >= 0."""
+    for index, shape in enumerate(shapes):
+        if not isinstance(shape, (tuple, list)) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise ValueError(f"shape of tensor {index} must be a sequence of integers >= 0, got {shape!r}")
+
+
 def _numels(shapes: Sequence[Sequence[int]]) -> list[int]:
+    check_shapes(shapes)
     return [math.prod(shape) for shape in shapes]
 
 

@@ -6,8 +6,9 @@ and dtypes; each rank's own local pieces). Each request's answer is this rank's 
 
 **Gathered mode** (the default; bitwise equal to `LocalOps`):
 
-1. one small all-gather of every rank's ``(lo, hi, rows, cols, steps, dtype)`` per request, so all ranks know
-   the whole layout of the round and check it (ranges must tile each matrix exactly, metadata must agree);
+1. one small all-gather of every rank's ``(lo, hi, c0, c1, rows, cols, steps, dtype)`` per request (``[c0, c1)``:
+   the column block a `Segment` with a ``block`` indexes into, all columns otherwise), so all ranks know the
+   whole layout of the round and check it (pieces must tile each matrix exactly, metadata must agree);
 2. owners from `balanced_owners` over `ns_cost` (times steps), computed identically on every rank. A matrix
    some rank holds whole is fixed to that rank: it never moves and costs no bytes;
 3. per NS dtype, one ``all_to_all`` carrying every other piece, already cast to the NS dtype (an elementwise
@@ -44,22 +45,23 @@ import torch
 from mgup_dist.rules.newton_schulz import NS_COEFFICIENTS, NS_EPS, newton_schulz
 from mgup_dist.rules.requests import Orthogonalize
 from mgup_dist.shard.collectives import Collectives
-from mgup_dist.shard.layout import ShardLayout
+from mgup_dist.shard.layout import ShardLayout, tiling_problem
 from mgup_dist.shard.planner import balanced_owners, ns_cost
-from mgup_dist.shard.regions import Region, block_view, even_blocks, flat_view, runs
+from mgup_dist.shard.regions import Region, Span, block_view, even_blocks
+from mgup_dist.shard.segment import Segment
 
 # Floating dtypes a request may name, coded by position in the metadata exchange.
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_FIELDS = 6  # lo, hi, rows, cols, steps, dtype code
+_FIELDS = 8  # lo, hi, c0, c1, rows, cols, steps, dtype code
 
 
 @dataclass
 class _Job:
-    """One non-empty matrix of the call: every rank's flat range, and the region each computing rank gets."""
+    """One non-empty matrix of the call: every rank's piece, and the region each computing rank gets."""
 
     position: int
     request: Orthogonalize
-    ranges: list[tuple[int, int]]
+    spans: list[Span]
     targets: dict[int, Region]
     holder: int | None  # the rank holding it whole, if any
     sharded: bool
@@ -73,8 +75,8 @@ class _Job:
         if not self.sharded:
             return self.holder is None
         return any(
-            sum(r.numel for r in runs(lo, hi, self.cols, self.targets[rank])) != hi - lo
-            for rank, (lo, hi) in enumerate(self.ranges)
+            sum(r.numel for r in span.runs(self.targets[rank])) != span.length
+            for rank, span in enumerate(self.spans)
         )
 
 
@@ -103,15 +105,22 @@ def _validate(requests: Sequence[Orthogonalize]) -> None:
 
 
 def _check_agreement(requests: Sequence[Orthogonalize], table: torch.Tensor) -> None:
-    """``table``: ``(world, n, 6)`` metadata of all ranks. Raises `ValueError` (on every rank alike) unless
-    all ranks describe the same matrices and each matrix's ranges tile it exactly."""
-    shared = table[..., 2:]
+    """``table``: ``(world, n, 8)`` metadata of all ranks. Raises `ValueError` (on every rank alike) unless
+    all ranks describe the same matrices and each matrix's pieces tile it exactly."""
+    shared = table[..., 4:]
     disagree = (shared != shared[:1]).any(dim=2).any(dim=0)
     if disagree.any():
         i = int(disagree.nonzero()[0])
         raise ValueError(f"request {i}: ranks disagree on (rows, cols, steps, dtype): {shared[:, i].tolist()}")
+    blocked = ((table[..., 2] != 0) | (table[..., 3] != table[..., 5])).any(dim=0)
+    for i in blocked.nonzero().view(-1).tolist():
+        rows, cols = requests[i].rows, requests[i].cols
+        problem = tiling_problem(rows, cols, [(lo, hi, c0, c1) for lo, hi, c0, c1 in table[:, i, :4].tolist()])
+        if problem:
+            raise ValueError(f"request {i} (tensor {requests[i].segment.index}): {problem}")
+    table = table[:, ~blocked]
     lo, hi = table[..., 0], table[..., 1]
-    numel = table[0, :, 2] * table[0, :, 3]
+    numel = table[0, :, 4] * table[0, :, 5]
     empty = hi == lo
     lo_key = torch.where(empty, numel, lo)
     order = lo_key.argsort(dim=0, stable=True)
@@ -119,10 +128,11 @@ def _check_agreement(requests: Sequence[Orthogonalize], table: torch.Tensor) -> 
     overlap = (hi_sorted[:-1] > lo_sorted[1:]).any(dim=0)
     bad = overlap | ((hi - lo).sum(dim=0) != numel)
     if bad.any():
-        i = int(bad.nonzero()[0])
+        j = int(bad.nonzero()[0])
+        i = int((~blocked).nonzero()[j])
         raise ValueError(
-            f"request {i} (tensor {requests[i].segment.index}, {int(numel[i])} elements): ranks' ranges "
-            f"{[tuple(x) for x in table[:, i, :2].tolist()]} do not cover it exactly once"
+            f"request {i} (tensor {requests[i].segment.index}, {int(numel[j])} elements): ranks' ranges "
+            f"{[tuple(x) for x in table[:, j, :2].tolist()]} do not cover it exactly once"
         )
 
 
@@ -167,25 +177,26 @@ class DistributedOrthogonalizer:
         return answers
 
     def _exchange_metadata(self, requests: list[Orthogonalize]) -> torch.Tensor:
-        """``(world, n, 6)`` int64 table of every rank's ``(lo, hi, rows, cols, steps, dtype)``; checked.
+        """``(world, n, 8)`` int64 table of every rank's ``(lo, hi, c0, c1, rows, cols, steps, dtype)``; checked.
 
         With a ``layout`` (global knowledge every rank shares, e.g. our ZeRO engine's) the table is built
         locally and nothing is sent; otherwise one small all-gather per round."""
-        def row(r: Orthogonalize, lo: int, hi: int) -> tuple[int, ...]:
-            return (lo, hi, r.rows, r.cols, r.steps, _DTYPES.index(r.dtype))
+        def row(r: Orthogonalize, segment: Segment) -> tuple[int, ...]:
+            c0, width = segment.columns(r.cols)
+            return (segment.lo, segment.hi, c0, c0 + width, r.rows, r.cols, r.steps, _DTYPES.index(r.dtype))
 
         if self.layout is not None:
             table = torch.tensor(
-                [[row(r, *self.layout.bounds[rank][r.segment.index]) for r in requests]
+                [[row(r, self.layout.segment(rank, r.segment.index)) for r in requests]
                  for rank in range(self.comm.world_size)],
                 dtype=torch.int64,
             )
-            mine = [row(r, r.segment.lo, r.segment.hi) for r in requests]
+            mine = [row(r, r.segment) for r in requests]
             if table[self.comm.rank].tolist() != [list(x) for x in mine]:
                 raise ValueError("the requests' segments differ from the layout given to DistributedOrthogonalizer")
         else:
             local = torch.tensor(
-                [row(r, r.segment.lo, r.segment.hi) for r in requests], dtype=torch.int64, device=requests[0].local.device
+                [row(r, r.segment) for r in requests], dtype=torch.int64, device=requests[0].local.device
             ).view(-1)
             table = self.comm.all_gather_scalars(local) if self.comm.world_size > 1 else local.unsqueeze(0)
             table = table.view(self.comm.world_size, len(requests), _FIELDS).cpu()
@@ -195,17 +206,17 @@ class DistributedOrthogonalizer:
     def _plan(self, requests: list[Orthogonalize], table: torch.Tensor) -> list[_Job]:
         """Jobs for the non-empty matrices, with gathered-mode owners from the balanced plan."""
         world = self.comm.world_size
-        all_ranges = table[..., :2].permute(1, 0, 2).tolist()
+        all_pieces = table[..., :4].permute(1, 0, 2).tolist()
         jobs, costs, fixed = [], [], {}
-        for position, (request, ranges) in enumerate(zip(requests, all_ranges)):
+        for position, (request, pieces) in enumerate(zip(requests, all_pieces)):
             numel = request.segment.numel
             if numel == 0:
                 continue
-            ranges = [tuple(r) for r in ranges]
-            holder = next((rank for rank, (lo, hi) in enumerate(ranges) if hi - lo == numel), None)
+            spans = [Span(lo, hi, c0, c1 - c0) for lo, hi, c0, c1 in pieces]
+            holder = next((rank for rank, span in enumerate(spans) if span.length == numel), None)
             sharded = holder is None and self.gather_max_numel is not None and numel > self.gather_max_numel
             targets = even_blocks(request.rows, request.cols, world) if sharded else {}
-            jobs.append(_Job(position, request, ranges, targets, holder, sharded))
+            jobs.append(_Job(position, request, spans, targets, holder, sharded))
             if not sharded:
                 if holder is not None:
                     fixed[len(costs)] = holder
@@ -243,15 +254,14 @@ class DistributedOrthogonalizer:
         for job in group:
             if job.holder is not None:
                 continue
-            lo, hi = job.ranges[me]
+            span = job.spans[me]
             for dest, region in job.targets.items():
                 if dest != me:
-                    pieces = runs(lo, hi, job.cols, region)
-                    outgoing[dest].extend(flat_view(cast[job.position], lo, job.cols, rect) for rect in pieces)
+                    outgoing[dest].extend(span.view(cast[job.position], rect) for rect in span.runs(region))
             if me in job.targets:
-                for src, (s_lo, s_hi) in enumerate(job.ranges):
+                for src, src_span in enumerate(job.spans):
                     if src != me:
-                        incoming[src] += sum(r.numel for r in runs(s_lo, s_hi, job.cols, job.targets[me]))
+                        incoming[src] += sum(r.numel for r in src_span.runs(job.targets[me]))
         received = [torch.empty(0)] * world
         if any(job.moves() for job in group):
             received = self._all_to_all(outgoing, incoming, dtype, group[0].request.local.device)
@@ -265,10 +275,10 @@ class DistributedOrthogonalizer:
                 blocks[job.position] = job.request.local.reshape(job.request.rows, job.cols)
                 continue
             block = torch.empty(region.shape, dtype=dtype, device=job.request.local.device)
-            for src, (lo, hi) in enumerate(job.ranges):
-                for rect in runs(lo, hi, job.cols, region):
+            for src, span in enumerate(job.spans):
+                for rect in span.runs(region):
                     if src == me:
-                        data = flat_view(cast[job.position], lo, job.cols, rect)
+                        data = span.view(cast[job.position], rect)
                     else:
                         data = received[src][cursors[src] : cursors[src] + rect.numel]
                         cursors[src] += rect.numel
@@ -306,14 +316,14 @@ class DistributedOrthogonalizer:
                 continue
             region = job.targets.get(me)
             if region is not None:
-                for dest, (lo, hi) in enumerate(job.ranges):
+                for dest, span in enumerate(job.spans):
                     if dest != me:
-                        pieces = runs(lo, hi, job.cols, region)
+                        pieces = span.runs(region)
                         outgoing[dest].extend(block_view(results[job.position], region, rect) for rect in pieces)
-            lo, hi = job.ranges[me]
+            span = job.spans[me]
             for src, src_region in job.targets.items():
                 if src != me:
-                    incoming[src] += sum(r.numel for r in runs(lo, hi, job.cols, src_region))
+                    incoming[src] += sum(r.numel for r in span.runs(src_region))
         dtype = group[0].request.dtype
         received = [torch.empty(0)] * world
         if any(job.moves() for job in group):
@@ -325,16 +335,16 @@ class DistributedOrthogonalizer:
                 if job.holder == me:
                     answers[job.position] = results[job.position].view(-1)
                 continue
-            lo, hi = job.ranges[me]
-            answer = torch.empty(hi - lo, dtype=dtype, device=job.request.local.device)
+            span = job.spans[me]
+            answer = torch.empty(span.length, dtype=dtype, device=job.request.local.device)
             for src, region in job.targets.items():
-                for rect in runs(lo, hi, job.cols, region):
+                for rect in span.runs(region):
                     if src == me:
                         data = block_view(results[job.position], region, rect)
                     else:
                         data = received[src][cursors[src] : cursors[src] + rect.numel].view(rect.shape)
                         cursors[src] += rect.numel
-                    flat_view(answer, lo, job.cols, rect).copy_(data)
+                    span.view(answer, rect).copy_(data)
             answers[job.position] = answer
         return answers
 

@@ -1,9 +1,9 @@
 """Geometry of the orthogonalizer's data movement: flat ranges of a row-major matrix against rectangles.
 
-A rank holds a flat range ``[lo, hi)`` of a ``(rows, cols)`` matrix; the rank computing on it wants a
-rectangle (the whole matrix in gathered mode, a row or column block in sharded mode). `runs` splits the
-intersection into at most three rectangles in flat order, so sender and receiver walk the same elements in
-the same order without exchanging indices.
+A rank holds a flat range ``[lo, hi)`` of a ``(rows, cols)`` matrix, or of one of its column blocks
+(`Span`); the rank computing on it wants a rectangle (the whole matrix in gathered mode, a row or column block
+in sharded mode). `runs` splits the intersection into at most three rectangles in flat order, so sender and
+receiver walk the same elements in the same order without exchanging indices.
 """
 from __future__ import annotations
 
@@ -46,6 +46,38 @@ def runs(lo: int, hi: int, cols: int, region: Region) -> list[Region]:
         if r0 < r1 and c0 < c1:
             out.append(Region(r0, r1, c0, c1))
     return out
+
+
+@dataclass(frozen=True)
+class Span:
+    """A rank's piece of a matrix: flat range ``[lo, hi)`` of the row-major flattening of columns
+    ``[c0, c0 + width)`` (a contiguous range of the whole matrix when ``c0 == 0`` and ``width`` is all columns)."""
+
+    lo: int
+    hi: int
+    c0: int
+    width: int
+
+    @property
+    def length(self) -> int:
+        return self.hi - self.lo
+
+    def runs(self, region: Region) -> list[Region]:
+        """`runs` of this piece inside ``region``, in matrix coordinates and the piece's flat order."""
+        if self.c0 == 0:
+            return runs(self.lo, self.hi, self.width, region)
+        local = Region(region.r0, region.r1, max(region.c0 - self.c0, 0), min(region.c1 - self.c0, self.width))
+        if local.c0 >= local.c1:
+            return []
+        return [_shift(rect, self.c0) for rect in runs(self.lo, self.hi, self.width, local)]
+
+    def view(self, piece: torch.Tensor, rect: Region) -> torch.Tensor:
+        """View of ``rect`` (from `Span.runs`) inside the 1-D ``piece`` holding this span."""
+        return flat_view(piece, self.lo, self.width, _shift(rect, -self.c0) if self.c0 else rect)
+
+
+def _shift(rect: Region, columns: int) -> Region:
+    return Region(rect.r0, rect.r1, rect.c0 + columns, rect.c1 + columns)
 
 
 def flat_view(piece: torch.Tensor, lo: int, cols: int, rect: Region) -> torch.Tensor:

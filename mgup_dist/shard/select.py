@@ -19,7 +19,10 @@ Method (spec §6, "Exact distributed MGUP top-k"):
 3. The mask is computed on the float scores: True above the threshold value ``T``; when the cut splits the
    scores equal to ``T``, the remaining ``r`` slots go to the ties with the lowest global flat indices, from
    an exclusive prefix count of ties over the ranks in flat-offset order (one all-gather of ``(lo, ties)``
-   pairs, batched over the requests).
+   pairs, batched over the requests). Segments with a column ``block`` (tensor parallelism's column split)
+   interleave with the other ranks' row by row, so for them that gather carries ``(lo, c0, width)`` and the
+   ties of every row of the matrix view instead (`_block_quotas`; a second all-gather, only when such a
+   tensor's ties straddle the cut). A tensor's segments must all have blocks or all have none.
 
 The first all-reduce also carries, per request, a non-finite flag (so NaN/inf raises `NonFiniteScoresError`
 on every rank at the same point, without desynchronising collectives) and a "held whole" flag. A rank cannot
@@ -156,15 +159,23 @@ class _Selection:
             self._local_ties = int(lib.count_nonzero(values == self.threshold))
         return self._local_ties
 
-    def mask(self, tie_offset: int) -> torch.Tensor:
-        """The answer, given the number of threshold ties held by ranks at lower flat offsets: ``>= T`` up to
-        the cut after the last selected local tie, ``> T`` from there on."""
+    def row_ties(self, rows: int, width: int) -> torch.Tensor:
+        """int64 ``(rows,)``: the local threshold ties in each row of the matrix view, for a segment whose
+        range indexes a column block ``width`` columns wide."""
+        values = self.request.scores.detach()
+        where = (values == self.threshold).nonzero().view(-1).cpu() + self.request.segment.lo
+        return torch.bincount(where // width, minlength=rows)
+
+    def mask(self, selected_ties: int) -> torch.Tensor:
+        """The answer, given how many local threshold ties are selected (the first ones, in local flat order,
+        which is global flat order restricted to this rank): ``>= T`` up to the cut after the last selected
+        local tie, ``> T`` from there on."""
         scores, threshold = self.request.scores, self.threshold
         mask = torch.empty(scores.numel(), dtype=torch.bool, device=scores.device)
         values, out = _host(scores.detach()), _host(mask)
         cut = len(values)
         if self.ties is not None:
-            cut = locate_ties(values, threshold, min(max(self.ties - tie_offset, 0), self.local_ties()))
+            cut = locate_ties(values, threshold, selected_ties)
         lib = np if isinstance(out, np.ndarray) else torch
         lib.greater_equal(values[:cut], threshold, out=out[:cut])
         lib.greater(values[cut:], threshold, out=out[cut:])
@@ -197,16 +208,48 @@ def _finish(comm: Collectives, selections: Sequence[_Selection], dtype: torch.dt
         open_ = [s for s in open_ if not s.done]
 
 
-def _tie_offsets(comm: Collectives, selections: Sequence[_Selection]) -> dict[_Selection, int]:
-    """Per selection with split ties: the threshold ties held by ranks at lower flat offsets (one batched
-    all-gather of ``(lo, local ties)``; ranks with empty segments hold no ties, so their ``lo`` is moot)."""
+def _tie_quotas(comm: Collectives, selections: Sequence[_Selection]) -> dict[_Selection, int]:
+    """Per contiguous selection with split ties: how many local ties are selected, from the ties held by ranks
+    at lower flat offsets (one batched all-gather of ``(lo, local ties)``; ranks with empty segments hold no
+    ties, so their ``lo`` is moot)."""
     if not selections:
         return {}
     device = selections[0].request.scores.device
     mine = torch.tensor([[s.request.segment.lo, s.local_ties()] for s in selections], device=device)
     every = comm.all_gather_scalars(mine.view(-1)).view(comm.world_size, len(selections), 2)
     below = every[..., 0] < mine[:, 0].unsqueeze(0)
-    return dict(zip(selections, (every[..., 1] * below).sum(0).tolist()))
+    offsets = (every[..., 1] * below).sum(0).tolist()
+    return {s: min(max(s.ties - offset, 0), s.local_ties()) for s, offset in zip(selections, offsets)}
+
+
+def _block_quotas(comm: Collectives, selections: Sequence[_Selection]) -> dict[_Selection, int]:
+    """`_tie_quotas` for segments with column blocks: one batched all-gather of every rank's ``(lo, c0,
+    width)`` and per-row tie counts. In row ``i`` each rank holds one run of columns, starting at ``c0`` (at
+    ``c0 + lo % width`` in its first row), and runs of different ranks are disjoint, so the ties before this
+    rank's run in row ``i`` are all ties of rows ``< i`` plus those of the ranks whose row-``i`` run starts
+    further left; a rank's ties in a row are selected while that count stays below the open slots."""
+    if not selections:
+        return {}
+    rows_of, mine = [], []
+    for s in selections:
+        segment = s.request.segment
+        rows, cols = segment.matrix_shape
+        c0, width = segment.columns(cols)
+        rows_of.append(rows)
+        mine.append(torch.cat([torch.tensor([segment.lo, c0, width]), s.row_ties(rows, width)]))
+    every = comm.all_gather_scalars(torch.cat(mine)).view(comm.world_size, -1).cpu()
+    quotas, start = {}, 0
+    for s, rows in zip(selections, rows_of):
+        table = every[:, start : start + 3 + rows]
+        start += 3 + rows
+        lo, c0, width, ties = table[:, 0], table[:, 1], table[:, 2], table[:, 3:]
+        first = torch.full_like(ties, 0) + c0.unsqueeze(1)
+        first[torch.arange(len(lo)), (lo // width).clamp(max=rows - 1)] += lo % width
+        me = comm.rank
+        left = (first < first[me]).to(torch.int64)
+        before = (ties.cumsum(1) - ties).sum(0) + (ties * left).sum(0)
+        quotas[s] = int((s.ties - before).clamp(min=0).minimum(ties[me]).sum())
+    return quotas
 
 
 def _check(requests: Sequence[TopKMask]) -> None:
@@ -253,12 +296,12 @@ def _first_pass(
     return [s for s, _ in split]
 
 
-def _answer(request: TopKMask, selection: _Selection | None, tie_offsets: dict[_Selection, int]) -> torch.Tensor:
+def _answer(request: TopKMask, selection: _Selection | None, quotas: dict[_Selection, int]) -> torch.Tensor:
     if request.segment.is_whole:
         return topk_mask(request.scores, request.k)
     if selection is None or request.segment.length == 0:  # k = 0 or numel, or nothing held here
         return torch.full_like(request.scores, request.k == request.segment.numel, dtype=torch.bool)
-    return selection.mask(tie_offsets.get(selection, 0))
+    return selection.mask(quotas.get(selection, 0))
 
 
 def topk_masks(comm: Collectives, requests: Sequence[TopKMask]) -> list[torch.Tensor]:
@@ -276,5 +319,7 @@ def topk_masks(comm: Collectives, requests: Sequence[TopKMask]) -> list[torch.Te
     }
     split = _first_pass(comm, requests, selections, dtype)
     _finish(comm, split, dtype)
-    offsets = _tie_offsets(comm, [s for s in split if s.ties is not None])
-    return [_answer(r, selections.get(i), offsets) for i, r in enumerate(requests)]
+    tied = [s for s in split if s.ties is not None]
+    quotas = _tie_quotas(comm, [s for s in tied if s.request.segment.block is None])
+    quotas.update(_block_quotas(comm, [s for s in tied if s.request.segment.block is not None]))
+    return [_answer(r, selections.get(i), quotas) for i, r in enumerate(requests)]

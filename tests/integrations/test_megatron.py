@@ -77,7 +77,7 @@ def _train_megatron(name: str, rank: int, dtype: torch.dtype) -> tuple[list[torc
         ddp(_batch(step, rank)).backward()
         ddp.finish_grad_sync()
         optimizer.step()
-    layout = optimizer.chained_optimizers[0].optimizer.distributor.layout
+    layout = optimizer.chained_optimizers[0].optimizer.distributor.layouts[0]
     held = [[hi > lo for lo, hi in ranges] for ranges in layout.bounds]
     straddling = sum(all(column) for column in zip(*held))
     return [p.detach().clone() for p in model.parameters()], straddling

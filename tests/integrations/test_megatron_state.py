@@ -49,7 +49,7 @@ def test_slots_step_every_tensor_with_empty_pieces_where_nothing_is_held() -> No
     wrapper.shard_fp32_groups[0][0].grad = torch.ones(7)
     optimizer = SimpleNamespace(param_groups=[{"lr": 1.0}], state=defaultdict(dict))
     layout = ShardLayout([(3, 4), (5,)], [[(0, 12), (0, 5)]])  # kept for inspection only
-    slots = list(MegatronShardDistributor(LocalOps(), entries, layout).slots(optimizer))
+    slots = list(MegatronShardDistributor(LocalOps(), entries, [layout]).slots(optimizer))
     assert [slot.param.numel() for _, slot in slots] == [7, 0]
     assert slots[0][1].state is optimizer.state[wrapper.shard_fp32_groups[0][0]]
     assert slots[1][1].buffer("m").numel() == 0
@@ -58,7 +58,7 @@ def test_slots_step_every_tensor_with_empty_pieces_where_nothing_is_held() -> No
 def test_a_held_shard_without_gradient_raises() -> None:
     params = _params()
     entries = shard_entries(_wrapper(params, {1: (0, 5)}), [params])
-    distributor = MegatronShardDistributor(LocalOps(), entries, ShardLayout([(3, 4), (5,)], [[(0, 12), (0, 5)]]))
+    distributor = MegatronShardDistributor(LocalOps(), entries, [ShardLayout([(3, 4), (5,)], [[(0, 12), (0, 5)]])])
     with pytest.raises(RuntimeError, match="no gradient"):
         list(distributor.slots(SimpleNamespace(param_groups=[{}], state={})))
 
