@@ -13,34 +13,37 @@ Options: ``zero_stage`` (1, 2 or 3; stage 0 is plain data parallelism: use backe
 weights and gradients with fp32 master weights), ``gather_max_numel`` (matrices larger than this run
 Newton–Schulz sharded; null = always gather).
 
-Checkpoints hold DeepSpeed's own checkpoint files (``engine.save_checkpoint``) as opaque DCP entries, so a run
-resumes under backend ``deepspeed`` with the same ``zero_stage`` and world size; anything else is a
+Skipped steps: a launcher step counts as skipped when DeepSpeed skipped it (its overflow check found a non-finite
+gradient norm: ``engine.skipped_steps`` grew) or our optimizer's non-finite guard skipped any of the param groups
+DeepSpeed stepped in it (`RuleOptimizer.skipped_steps` grew). The count is ``engine.optimizer.skipped_steps``
+(kept on DeepSpeed's wrapper, which the loop reads and restores on resume like any optimizer's).
+
+Checkpoints at ZeRO stages 1 and 2 are in `mgup_dist.checkpoint`'s reshardable format
+(`mgup_dist.integrations.deepspeed_checkpoint`: model, per-tensor optimizer state, param groups and DeepSpeed's
+fp32 master weights keyed by parameter FQN), so a run resumes at any world size and zero stage 1 or 2, and
+from (or into) backends ``single``, ``ddp`` and ``zero``. At stage 3 they hold DeepSpeed's own checkpoint files
+(`launch.backends.deepspeed_files`), which resume only at stage 3 and the same world size; anything else is a
 `LaunchError` naming the reason.
 """
 from __future__ import annotations
 
 import contextlib
-import io
 import os
-import pickle
-import tempfile
 from contextlib import AbstractContextManager
-from pathlib import Path
 from typing import Any
 
-import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
+from launch.backends import deepspeed_files
 from launch.backends.base import Backend, Engine, OptimizerFactory
+from launch.backends.fsdp2 import MARKER_KEY as FSDP2_MARKER
 from launch.backends.registry import register
 from launch.errors import LaunchError
+from mgup_dist.integrations import deepspeed_checkpoint
+from mgup_dist.optim.base import RuleOptimizer
 
 STAGES = (1, 2, 3)
-FILE_PREFIX = "deepspeed.file."
-META_KEY = "deepspeed.meta"
-_TAG = "launch"
 
 
 def deepspeed_config(micro_batch: int, world_size: int, grad_clip: float, options: dict[str, Any]) -> dict[str, Any]:
@@ -60,18 +63,16 @@ def deepspeed_config(micro_batch: int, world_size: int, grad_clip: float, option
     return config
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
 class DeepSpeedEngine(Engine):
     """A DeepSpeed engine driven by the launcher's loop; ``model`` is the DeepSpeed engine itself (its forward
-    registers the backward hooks DeepSpeed needs)."""
+    registers the backward hooks DeepSpeed needs), ``optimizer`` DeepSpeed's wrapper around our ``client``."""
 
-    def __init__(self, ds: Any, optimizer: torch.optim.Optimizer, grad_clip: float, stage: int) -> None:
+    def __init__(self, ds: Any, client: RuleOptimizer, grad_clip: float, stage: int) -> None:
         self.ds = ds
         self.model = ds
-        self.optimizer = optimizer
+        self.optimizer = ds.optimizer
+        self.optimizer.skipped_steps = 0  # launcher steps skipped (see the module docstring)
+        self.client = client
         self.grad_clip = grad_clip
         self.stage = stage
         self._stepped = False
@@ -79,61 +80,57 @@ class DeepSpeedEngine(Engine):
     def micro_step(self, sync: bool) -> AbstractContextManager[Any]:
         return contextlib.nullcontext()
 
+    def _step(self) -> None:
+        """DeepSpeed's step, counting it in ``optimizer.skipped_steps`` if it was skipped."""
+        ours, theirs = self.client.skipped_steps, self.ds.skipped_steps
+        self.ds.step()
+        if self.client.skipped_steps > ours or self.ds.skipped_steps > theirs:
+            self.optimizer.skipped_steps += 1
+
     def clip_grad_norm(self, max_norm: float) -> float:
         """Runs DeepSpeed's step (reduce, clip to the configured ``gradient_clipping``, update); returns the
         global norm before clipping. ``max_norm`` must be the configured value."""
         if max_norm != self.grad_clip:
             raise LaunchError(f"DeepSpeed clips to {self.grad_clip} (its gradient_clipping), not to {max_norm}")
-        self.ds.step()
+        self._step()
         self._stepped = True
         norm = self.ds.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
     def step(self) -> None:
         if not self._stepped:
-            self.ds.step()
+            self._step()
         self._stepped = False
 
     def zero_grad(self) -> None:
         self.ds.zero_grad()
 
     def state_dict(self) -> dict[str, Any]:
-        """DeepSpeed's checkpoint files of this rank (``deepspeed.file.<name>``, bytes) and the run's layout."""
-        with tempfile.TemporaryDirectory() as tmp:
-            os.makedirs(os.path.join(tmp, _TAG), exist_ok=True)
-            self.ds.save_checkpoint(tmp, tag=_TAG, save_latest=False)
-            files = {f"{FILE_PREFIX}{p.name}": io.BytesIO(p.read_bytes()) for p in Path(tmp, _TAG).iterdir()}
-        return {**files, META_KEY: pickle.dumps(self._meta())}
-
-    def _meta(self) -> dict[str, int]:
-        return {"zero_stage": self.stage, "world_size": dist.get_world_size() if dist.is_initialized() else 1}
+        if self.stage == 3:
+            return deepspeed_files.files_state_dict(self.ds, self.stage)
+        return deepspeed_checkpoint.state_dict(self.ds.module, self.client)
 
     def load_checkpoint(self, path: str) -> None:
         metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-        if META_KEY not in metadata:
-            raise LaunchError(f"checkpoint {path} was not written by backend deepspeed; resume it with its own backend")
-        target: dict[str, Any] = {key: None for key in metadata if key.startswith(FILE_PREFIX) or key == META_KEY}
-        dcp.load(target, checkpoint_id=path)
-        saved = pickle.loads(target.pop(META_KEY))
-        if saved != self._meta():
+        if deepspeed_files.META_KEY in metadata:
+            deepspeed_files.load_files(self.ds, self.stage, path, metadata)
+        elif self.stage == 3:
             raise LaunchError(
-                f"checkpoint {path} holds DeepSpeed state for {saved}, this run is {self._meta()}: backend deepspeed "
-                "resumes only at the same zero_stage and world size"
+                f"checkpoint {path} is in the reshardable format, which backend deepspeed reads at zero_stage 1 or 2 "
+                "only; resume it at zero_stage 1 or 2 or under backend zero"
             )
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp, _TAG)
-            folder.mkdir()
-            for key, value in target.items():
-                value.seek(0)
-                (folder / key[len(FILE_PREFIX):]).write_bytes(value.read())
-            loaded, _ = self.ds.load_checkpoint(tmp, tag=_TAG, load_lr_scheduler_states=False)
-            if loaded is None:
-                raise LaunchError(f"DeepSpeed could not load its checkpoint from {path}")
+        elif FSDP2_MARKER in metadata:
+            raise LaunchError(
+                f"checkpoint {path} was written by backend fsdp2 (DTensor state, not mgup_dist.checkpoint's "
+                "flattened format); resume it with backend fsdp2"
+            )
+        else:
+            deepspeed_checkpoint.load_state_dict(self.ds.module, self.client, path)
 
 
 @register
 class DeepSpeedBackend(Backend):
-    """DeepSpeed ZeRO-1/2/3 with an mgup_dist (or torch) optimizer; see the module docstring."""
+    """DeepSpeed ZeRO-1/2/3 with an mgup_dist optimizer; see the module docstring."""
 
     name = "deepspeed"
     OPTIONS = {"zero_stage": 1, "bf16": False, "gather_max_numel": None}
@@ -160,5 +157,5 @@ class DeepSpeedBackend(Backend):
         if any(group.get("is_approx") is False for group in optimizer.param_groups):
             raise LaunchError("backend deepspeed does not run MARS exact mode (is_approx: false); use backend ddp")
         config = deepspeed_config(self.micro_batch, self.env.world_size, self.grad_clip, self.options)
-        ds, ds_optimizer, _, _ = mgup_deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-        return DeepSpeedEngine(ds, ds_optimizer, self.grad_clip, self.options["zero_stage"])
+        ds, _, _, _ = mgup_deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        return DeepSpeedEngine(ds, optimizer, self.grad_clip, self.options["zero_stage"])

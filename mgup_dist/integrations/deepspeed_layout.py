@@ -50,12 +50,16 @@ class TensorPiece:
 @dataclass(frozen=True)
 class FlatPartition:
     """A flat 1-D master tensor DeepSpeed steps, with one `TensorPiece` per logical tensor of its group (every
-    rank lists the same tensors in the same order)."""
+    rank lists the same tensors in the same order) and, when known, the model parameters those tensors are
+    (``params[i]`` is piece ``i``'s; under ZeRO-3 the partitioned parameters), for naming them in checkpoints."""
 
     flat: torch.Tensor
     pieces: tuple[TensorPiece, ...]
+    params: tuple[torch.Tensor, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.params and len(self.params) != len(self.pieces):
+            raise ValueError(f"{len(self.params)} parameters for {len(self.pieces)} pieces of a flat partition")
         end = 0
         for piece in sorted(self.pieces, key=lambda p: p.offset):
             if piece.offset < end and piece.segment.length:
@@ -111,7 +115,7 @@ def zero12_partitions(zero: Any) -> list[FlatPartition]:
         rank = dist.get_rank(group=zero.real_dp_process_group[g])
         shapes = [logical_shape(p) for p in params]
         pieces = flat_cut_pieces(shapes, [placed[id(p)] for p in params], rank * size, size, index)
-        partitions.append(FlatPartition(zero.single_partition_of_fp32_groups[g], tuple(pieces)))
+        partitions.append(FlatPartition(zero.single_partition_of_fp32_groups[g], tuple(pieces), tuple(params)))
         index += len(params)
     return partitions
 
@@ -124,7 +128,7 @@ def bf16_partitions(bf16: Any) -> list[FlatPartition]:
         size = bf16.bf16_groups_flat[g].numel() // dist.get_world_size(group=group)
         shapes = [logical_shape(p) for p in params]
         pieces = flat_cut_pieces(shapes, _offsets(shapes), dist.get_rank(group=group) * size, size, index)
-        partitions.append(FlatPartition(bf16.fp32_groups_flat_partition[g], tuple(pieces)))
+        partitions.append(FlatPartition(bf16.fp32_groups_flat_partition[g], tuple(pieces), tuple(params)))
         index += len(params)
     return partitions
 
@@ -136,7 +140,7 @@ def zero3_partitions(zero: Any) -> list[FlatPartition]:
         rank = dist.get_rank(group=zero.sub_group_process_groups[i])
         shapes = [logical_shape(p) for p in params]
         pieces = even_split_pieces(shapes, [p.partition_numel() for p in params], rank, index)
-        partitions.append(FlatPartition(zero.fp32_partitioned_groups_flat[i], tuple(pieces)))
+        partitions.append(FlatPartition(zero.fp32_partitioned_groups_flat[i], tuple(pieces), tuple(params)))
         index += len(params)
     return partitions
 

@@ -106,14 +106,17 @@ class FlatPartitionDistributor:
     def __init__(self, ops: TensorOps, partitions: Sequence[FlatPartition], layout: ShardLayout) -> None:
         self.ops = ops
         self.layout = layout
+        self.partitions = tuple(partitions)
         self._partitions = {id(p.flat): p for p in partitions}
 
     def segment_map(self, optimizer: torch.optim.Optimizer) -> dict[int, Segment]:
-        """Not available: the state is keyed by DeepSpeed's flat partitions, so save and load it with DeepSpeed
-        (``engine.save_checkpoint`` / ``engine.load_checkpoint``), not `mgup_dist.checkpoint`."""
+        """Not available: the state is keyed by DeepSpeed's flat partitions, so `mgup_dist.checkpoint`'s
+        functions cannot name it; `mgup_dist.integrations.deepspeed_checkpoint` writes the same format from it
+        (or use DeepSpeed's ``engine.save_checkpoint`` / ``engine.load_checkpoint``, same world size only)."""
         raise TypeError(
             "under DeepSpeed the optimizer state belongs to DeepSpeed's flat partitions: checkpoint with "
-            "engine.save_checkpoint / engine.load_checkpoint instead of mgup_dist.checkpoint"
+            "mgup_dist.integrations.deepspeed_checkpoint (reshardable) or engine.save_checkpoint / "
+            "engine.load_checkpoint instead of mgup_dist.checkpoint's optimizer functions"
         )
 
     def any_rank(self, flag: torch.Tensor) -> bool:
