@@ -105,7 +105,15 @@ def init_process_group(env: DistEnv) -> None:
         return
     os.environ.setdefault("MASTER_ADDR", DEFAULT_MASTER_ADDR)
     os.environ.setdefault("MASTER_PORT", DEFAULT_MASTER_PORT)
-    dist.init_process_group(env.pg_backend, init_method="env://", rank=env.rank, world_size=env.world_size)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        dist.init_process_group(env.pg_backend, init_method="env://", rank=env.rank, world_size=env.world_size)
+        return
+    # torchrun keeps its store across restarts (--max-restarts): keys of the dead attempt (e.g. gloo's peer
+    # addresses) would be read by the new one, so each attempt gets its own key prefix.
+    store, _, _ = next(dist.rendezvous("env://", rank=env.rank, world_size=env.world_size))
+    store = dist.PrefixStore(f"attempt_{attempt}", store)
+    dist.init_process_group(env.pg_backend, store=store, rank=env.rank, world_size=env.world_size)
 
 
 def shutdown() -> None:

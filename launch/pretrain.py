@@ -1,6 +1,6 @@
 """Entry point: GPT pretraining with an mgup_dist optimizer.
 
-    python -m launch.pretrain --config configs/NAME.json [--data PATH] [--steps N] [--out DIR] [--resume DIR] [--seed S]
+    python -m launch.pretrain --config configs/NAME.json [--data PATH] [--steps N] [--out DIR] [--resume DIR|auto] [--seed S]
     torchrun --nproc_per_node N -m launch.pretrain ...        (also: deepspeed --num_gpus N, mpirun -np N)
 
 Everything is validated before work starts; a usage or config mistake prints one ``error: ...`` line on
@@ -8,7 +8,11 @@ stderr and exits with status 2. Outputs in ``--out`` (default ``runs/<config nam
 (resolved config), ``data.json`` (corpus split and sha256), ``metrics.jsonl``, ``loss.png``,
 ``summary.json`` and ``checkpoints/``. ``--resume DIR`` takes a checkpoint folder or a run folder (its newest
 checkpoint); without ``--config`` the checkpoint's own config is used, and the run continues in that folder
-unless ``--out`` is given.
+unless ``--out`` is given. ``--resume auto`` continues in the output folder from its newest complete checkpoint
+when there is one and starts afresh from ``--config`` otherwise, so the same command line serves the first
+attempt and every restart (``torchrun --max-restarts``); when that checkpoint is already at ``train.steps``
+it prints that the run is complete and exits with status 0. Every checkpoint is verified against its manifest
+before it is used.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from launch.metrics import write_json
 from launch.trainer import RunPlan, Trainer
 
 _MUST_MATCH_ON_RESUME = ("model", "optimizer")
+AUTO = "auto"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -42,7 +47,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--data", help="UTF-8 text file or folder instead of the embedded stdlib corpus")
     parser.add_argument("--steps", type=int, help="override train.steps (total optimizer steps)")
     parser.add_argument("--out", help="output folder (default runs/<config name>)")
-    parser.add_argument("--resume", help="checkpoint folder, or run folder to resume from its newest checkpoint")
+    parser.add_argument("--resume", help="checkpoint folder, run folder (its newest checkpoint), or 'auto': the "
+                        "output folder's newest checkpoint if there is one, else a fresh start")
     parser.add_argument("--seed", type=int, help="override train.seed")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -84,14 +90,33 @@ def _prepare_out(out: Path) -> Path:
     return out
 
 
-def plan_run(args: argparse.Namespace) -> RunPlan:
-    """Resolves config, environment, backend, batch split and folders; raises `LaunchError` on any problem."""
-    ckpt = checkpoint.resolve(Path(args.resume)) if args.resume else None
+def _auto_checkpoint(args: argparse.Namespace) -> Optional[Path]:
+    """``--resume auto``: the newest complete checkpoint of the output folder, or None (a fresh start)."""
+    if args.out is None and args.config is None:
+        raise LaunchError("--resume auto needs --out (or --config, whose name gives the default output folder)")
+    out = Path(args.out) if args.out else _default_out(load_config(args.config), args.config)
+    return checkpoint.latest(out)
+
+
+def _default_out(cfg: RunConfig, config_path: str) -> Path:
+    return Path("runs") / (cfg.name or Path(config_path).stem)
+
+
+def plan_run(args: argparse.Namespace) -> Optional[RunPlan]:
+    """Resolves config, environment, backend, batch split and folders; raises `LaunchError` on any problem.
+    None when ``--resume auto`` finds the run already complete (nothing to do)."""
+    auto = args.resume == AUTO
+    if auto:
+        ckpt = _auto_checkpoint(args)
+    else:
+        ckpt = checkpoint.resolve(Path(args.resume)) if args.resume else None
     saved = parse_config(checkpoint.read_trainer_state(ckpt)["config"]) if ckpt else None
     if args.config is None and saved is None:
-        raise LaunchError("--config is required (unless --resume is given)")
+        raise LaunchError("--config is required (unless --resume finds a checkpoint)")
     cfg = _override(load_config(args.config) if args.config else saved, args)
     if ckpt is not None and saved is not None:
+        if auto and checkpoint.read_trainer_state(ckpt)["step"] >= cfg.train.steps:
+            return None
         _check_resumable(cfg, saved, ckpt)
     env = detect(args.local_rank)
     backend = backend_class(cfg.backend)(env, cfg.backend_options)
@@ -102,7 +127,7 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
     elif ckpt is not None:
         out = ckpt.parent.parent
     else:
-        out = Path("runs") / (cfg.name or Path(args.config).stem)
+        out = _default_out(cfg, args.config)
     return RunPlan(cfg, env, _prepare_out(out), backend, accum, resume=ckpt)
 
 
@@ -148,9 +173,17 @@ def run(plan: RunPlan) -> dict:
         shutdown()
 
 
+def _launch(args: argparse.Namespace) -> Optional[dict]:
+    plan = plan_run(args)
+    if plan is None:
+        print("done: the newest checkpoint is already at train.steps; nothing to do (--resume auto)", flush=True)
+        return None
+    return run(plan)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry; returns the exit status (2 for usage/config errors)."""
-    return exit_status(lambda: run(plan_run(parse_args(argv))))
+    return exit_status(lambda: _launch(parse_args(argv)))
 
 
 if __name__ == "__main__":

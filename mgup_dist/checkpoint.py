@@ -8,8 +8,12 @@ each rank allocates exactly its own segment under the *current* distributor and 
 pieces, so the world size and the layout may change between save and load. Scalars (``step``, AlphaAdam's
 ``alpha_bar``) and the param groups' hyperparameters are stored as replicated values.
 
-`save_atomic` writes a checkpoint into a temporary directory and renames it into place only once every rank
-has finished, so an interrupted save never leaves a half-written checkpoint under the final name.
+`save_atomic` writes a checkpoint into a temporary directory, adds its manifest (`mgup_dist.manifest`: file
+sizes and sha256, world size, step, model/optimizer identity) last, and renames it into place only once every
+rank has finished, so an interrupted save never leaves a half-written checkpoint under the final name. The
+loaders verify the manifest before touching any state (``verify=False`` skips that, e.g. for a folder written
+by plain ``dcp.save`` or one the caller verified already): a damaged checkpoint or one of another
+model/optimizer raises a `CheckpointError` and leaves model and optimizer as they were.
 """
 from __future__ import annotations
 
@@ -27,16 +31,22 @@ from torch.distributed._shard.metadata import ShardMetadata
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
+from mgup_dist.manifest import (
+    CheckpointError, CheckpointIntegrityError, CheckpointMismatchError, checkpoint_identity, verify_checkpoint,
+    write_manifest,
+)
 from mgup_dist.optim.base import RuleOptimizer
 from mgup_dist.shard.segment import Segment
+
+__all__ = [
+    "CheckpointError", "CheckpointIntegrityError", "CheckpointMismatchError", "checkpoint_identity",
+    "flat_entry", "load_model_state_dict", "load_optimizer_state_dict", "local_part", "model_state_dict",
+    "optimizer_state_dict", "save_atomic",
+]
 
 STATE_PREFIX = "optim.state."
 GROUPS_KEY = "optim.param_groups"
 SCALAR_STATE = ("step",)
-
-
-class CheckpointMismatchError(ValueError):
-    """The checkpoint does not belong to this model/optimizer (names, shapes or groups differ)."""
 
 
 def _distributed() -> bool:
@@ -139,10 +149,15 @@ def _check_groups(saved: list[dict[str, Any]], optimizer: torch.optim.Optimizer,
         )
 
 
-def load_optimizer_state_dict(optimizer: RuleOptimizer, model: nn.Module, checkpoint_id: str | os.PathLike) -> None:
+def load_optimizer_state_dict(
+    optimizer: RuleOptimizer, model: nn.Module, checkpoint_id: str | os.PathLike, *, verify: bool = True
+) -> None:
     """Loads optimizer state saved by `optimizer_state_dict` (at any world size and layout) into this rank's
     segments under ``optimizer``'s current distributor, and restores the groups' hyperparameters. Collective
-    when sharded. Raises `CheckpointMismatchError` if the checkpoint belongs to another model or grouping."""
+    when sharded. Raises `CheckpointMismatchError` if the checkpoint belongs to another model or grouping and,
+    with ``verify``, `CheckpointIntegrityError` unless its manifest checks out (before any state changes)."""
+    if verify:
+        verify_checkpoint(checkpoint_id, checkpoint_identity(model, optimizer))
     metadata = dcp.FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata
     distributor = optimizer.distributor
     segments = _segment_map(optimizer)
@@ -181,9 +196,12 @@ def model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {f"{MODEL_PREFIX}{key}": value for key, value in model.state_dict().items()}
 
 
-def load_model_state_dict(model: nn.Module, checkpoint_id: str | os.PathLike) -> None:
+def load_model_state_dict(model: nn.Module, checkpoint_id: str | os.PathLike, *, verify: bool = True) -> None:
     """Loads the ``model.*`` entries of a checkpoint into a replicated ``model`` (strict: missing or extra keys
-    and shape changes raise `CheckpointMismatchError`)."""
+    and shape changes raise `CheckpointMismatchError`). With ``verify``, the manifest is checked first
+    (`CheckpointIntegrityError`/`CheckpointMismatchError` before any parameter changes). Collective."""
+    if verify:
+        verify_checkpoint(checkpoint_id, checkpoint_identity(model))
     metadata = dcp.FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata
     state = model_state_dict(model)
     saved = {key for key in metadata if key.startswith(MODEL_PREFIX)}
@@ -198,8 +216,12 @@ def load_model_state_dict(model: nn.Module, checkpoint_id: str | os.PathLike) ->
     model.load_state_dict({key[len(MODEL_PREFIX):]: value for key, value in state.items()})
 
 
-def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> None:
-    """Writes ``state`` with DCP to ``path`` atomically: into ``<path>.partial`` first, renamed into place by
+def save_atomic(
+    state: dict[str, Any], path: str | os.PathLike, *, identity: Mapping[str, Any] | None = None,
+    step: int | None = None,
+) -> None:
+    """Writes ``state`` with DCP to ``path`` atomically: into ``<path>.partial`` first, then its manifest
+    (recording ``identity``, e.g. `checkpoint_identity(model, optimizer)`, and ``step``), renamed into place by
     rank 0 after every rank has written (an earlier checkpoint at ``path`` is replaced). Collective."""
     path = os.fspath(path)
     partial = path + ".partial"
@@ -209,6 +231,7 @@ def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> None:
     _barrier()
     dcp.save(state, checkpoint_id=partial)
     _barrier()
+    write_manifest(partial, world_size=dist.get_world_size() if _distributed() else 1, step=step, identity=identity)
     if rank == 0:
         previous = path + ".previous"
         if os.path.exists(path):

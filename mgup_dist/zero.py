@@ -116,6 +116,8 @@ class ZeroEngine:
     ) -> None:
         if stage not in STAGES:
             raise ValueError(f"ZeRO stage must be one of {STAGES}, got {stage!r}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown ZeRO layout {layout!r}; valid: {LAYOUTS}")
         if not isinstance(optimizer, RuleOptimizer):
             raise TypeError(f"ZeroEngine needs an mgup_dist optimizer, got {type(optimizer).__name__}")
         self.params = [p for g in optimizer.param_groups for p in g["params"]]

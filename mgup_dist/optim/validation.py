@@ -86,3 +86,18 @@ def check_unknown(hparams: Mapping[str, Any], known: Mapping[str, Any], owner: s
     unknown = sorted(set(hparams) - set(known))
     if unknown:
         raise TypeError(f"{owner} got unexpected hyperparameter(s) {unknown}; valid: {sorted(known)}")
+
+
+def check_state_shapes(saved: Mapping[str, Any], param_groups: list[dict[str, Any]]) -> None:
+    """`ValueError` if a state dict's per-element state (tensors with a dimension) would land on a parameter of
+    another shape: torch pairs saved and current parameters by position only, so swapped or regrouped
+    parameters of equal group sizes would otherwise load silently. For whole-tensor (unsharded) state."""
+    saved_ids = [i for group in saved.get("param_groups", []) for i in group.get("params", [])]
+    params = [p for group in param_groups for p in group["params"]]
+    for position, (saved_id, param) in enumerate(zip(saved_ids, params)):
+        for key, value in saved.get("state", {}).get(saved_id, {}).items():
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape != param.shape:
+                raise ValueError(
+                    f"state dict entry {key!r} of parameter {position} has shape {tuple(value.shape)}, but this "
+                    f"optimizer's parameter {position} has shape {tuple(param.shape)}: param groups differ"
+                )
