@@ -18,8 +18,9 @@ Each optimizer runs alone: ``--warmup`` untimed steps, then its timed steps; the
 and the fastest. The Muon family (Newton–Schulz of every block matrix, slow on a few CPU threads) takes at
 most `SLOW_STEPS` timed steps after one warm-up step, so a full run stays within a few minutes; the table
 shows the counts. On CPU a step is bound by memory traffic and by the page faults of freshly allocated
-temporaries; wall-clock times on a shared machine also include other processes' load (the load average is
-recorded), which can move the ratios by tens of percent.
+temporaries (mgup_dist's single-process steps reuse theirs across tensors and steps, torch's AdamW allocates
+its ``sqrt(v)`` list every step); wall-clock times on a shared machine also include other processes' load
+(the load average is recorded), which can move the ratios by tens of percent.
 """
 from __future__ import annotations
 

@@ -4,6 +4,8 @@ Every rank runs `Trainer.run`; collectives (DDP's gradient all-reduce, the loss 
 checkpoint barriers) happen at the same points on all ranks. Rank 0 alone writes files and shows progress.
 Steps the optimizer skipped for non-finite gradients (`mgup_dist.optim.nonfinite`, identical on every rank)
 are reported as ``skipped_steps`` in metrics rows and the summary, and kept across resumes in the trainer state.
+Checkpoints record the identity of the model and optimizer (`mgup_dist.manifest.checkpoint_identity`, taken when
+the optimizer is built, before an engine wraps it); a resume verifies it with the checkpoint's files first.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from launch import checkpoint, optim_factory
+from launch import checkpoint, faults, optim_factory
 from launch.backends.base import Backend, Engine
 from launch.batches import Batch, EvalWindows, TrainWindows
 from launch.config import RunConfig, config_to_dict
@@ -24,9 +26,9 @@ from launch.corpus import Corpus
 from launch.dist_env import DistEnv
 from launch.errors import LaunchError
 from launch.metrics import MetricsLog, write_json
-from launch.model import GPT
 from launch.plots import plot_run
 from launch.schedule import LRSchedule
+from mgup_dist.manifest import checkpoint_identity
 
 
 @dataclass(frozen=True)
@@ -95,10 +97,17 @@ class Trainer:
         self.windows = TrainWindows(corpus.train, block, cfg.batch.global_batch, cfg.train.seed)
         self.eval_windows = EvalWindows(corpus.val, block, cfg.train.eval_samples, cfg.train.seed)
         torch.manual_seed(cfg.train.seed)
-        model = GPT(cfg.model.shape()).to(env.device)
+        model = plan.backend.make_model(cfg.model.shape()).to(env.device)
         self.n_params = model.num_parameters()
         opt = cfg.optimizer
-        self.engine: Engine = plan.backend.build(model, lambda m: optim_factory.build(m, opt.name, opt.hparams))
+        self.identity: dict[str, Any] = {}
+
+        def make_optimizer(m: torch.nn.Module) -> torch.optim.Optimizer:
+            optimizer = optim_factory.build(m, opt.name, opt.hparams)
+            self.identity = checkpoint_identity(m, optimizer)
+            return optimizer
+
+        self.engine: Engine = plan.backend.build(model, make_optimizer)
         peak = optim_factory.peak_lr(opt.name, opt.hparams)
         self.schedule = LRSchedule(
             self.engine.optimizer, peak, cfg.schedule.warmup_steps, cfg.train.steps, cfg.schedule.min_lr
@@ -118,7 +127,7 @@ class Trainer:
                 f"the corpus differs from the one checkpoint {ckpt} was trained on (sha256 {self.corpus_sha[:12]} "
                 f"here, {saved_sha[:12]} there); pass the same --data and data settings"
             )
-        state = checkpoint.load(self.engine, ckpt)
+        state = checkpoint.load(self.engine, ckpt, self.identity)
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
         if hasattr(self.engine.optimizer, "skipped_steps"):
             self.engine.optimizer.skipped_steps = int(state.get("skipped_steps", 0))
@@ -193,6 +202,7 @@ class Trainer:
             lr = self.schedule.apply(self.step + 1)
             loss, grad_norm = self._train_step(self.step + 1)
             self.step += 1
+            faults.maybe_kill(self.step, self.env.rank)  # test-only hook, inert unless MGUP_FAULT_KILL_AT_STEP is set
             self.tokens += tokens_per_step
             clock.add(time.perf_counter() - t0, tokens_per_step)
             bar.update(1)
@@ -221,7 +231,8 @@ class Trainer:
         if "loss" in row:
             bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
         if self._due(train.checkpoint_every):
-            checkpoint.save(self.engine, self.plan.out, self._trainer_state(), self.env.is_main, train.keep_last)
+            checkpoint.save(self.engine, self.plan.out, self._trainer_state(), self.env.is_main, train.keep_last,
+                            self.identity)
 
     def _summary(self, start_step: int, tokens: int, wall: float, rate: float) -> dict[str, Any]:
         train_rows = [r for r in self.session_rows if "loss" in r]

@@ -36,6 +36,7 @@ from mgup_dist.manifest import (
     write_manifest,
 )
 from mgup_dist.optim.base import RuleOptimizer
+from mgup_dist.optim.state_entries import StateEntry
 from mgup_dist.shard.segment import Segment
 
 __all__ = [
@@ -81,18 +82,8 @@ def _names(model: nn.Module) -> dict[int, str]:
     return {id(p): name for name, p in model.named_parameters(remove_duplicate=True)}
 
 
-def _param_names(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[tuple[torch.Tensor, str]]:
-    names = _names(model)
-    out = []
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if id(p) not in names:
-                raise ValueError(f"an optimizer parameter of shape {tuple(p.shape)} is not a parameter of the model")
-            out.append((p, names[id(p)]))
-    return out
-
-
-def _segment_map(optimizer: RuleOptimizer) -> dict[int, Segment]:
+def _named_entries(optimizer: RuleOptimizer, model: nn.Module) -> list[tuple[StateEntry, str]]:
+    """Every logical tensor's `StateEntry` (from the optimizer's distributor) with its FQN in ``model``."""
     dtensor = sys.modules.get("torch.distributed.tensor")
     if dtensor is not None and any(
         isinstance(p, dtensor.DTensor) for group in optimizer.param_groups for p in group["params"]
@@ -101,26 +92,40 @@ def _segment_map(optimizer: RuleOptimizer) -> dict[int, Segment]:
             f"{type(optimizer).__name__} steps FSDP2 (DTensor) parameters and keeps DTensor state: save and load it "
             "with torch.distributed.checkpoint.state_dict.get_state_dict/set_state_dict (also reshardable)"
         )
-    return optimizer.distributor.segment_map(optimizer)
+    names = _names(model)
+    out = []
+    for entry in optimizer.distributor.state_entries(optimizer):
+        if id(entry.param) not in names:
+            raise ValueError(
+                f"an optimizer parameter of shape {tuple(entry.param.shape)} is not a parameter of the model"
+            )
+        out.append((entry, names[id(entry.param)]))
+    return out
+
+
+def _group_names(entries: list[tuple[StateEntry, str]], optimizer: torch.optim.Optimizer) -> list[list[str]]:
+    groups: list[list[str]] = [[] for _ in optimizer.param_groups]
+    for entry, name in entries:
+        groups[entry.group_index].append(name)
+    return groups
 
 
 def optimizer_state_dict(optimizer: RuleOptimizer, model: nn.Module) -> dict[str, Any]:
     """The DCP-ready, reshardable state of ``optimizer`` (built over ``model``'s parameters). Collective when
     the optimizer's distributor is sharded."""
-    distributor = optimizer.distributor
-    segments = _segment_map(optimizer)
+    sharded = optimizer.distributor.sharded
+    entries = _named_entries(optimizer, model)
     out: dict[str, Any] = {}
-    for param, name in _param_names(optimizer, model):
-        for key, value in optimizer.state[param].items():
+    for entry, name in entries:
+        for key, value in entry.state.items():
             full_key = f"{STATE_PREFIX}{name}.{key}"
             if key in SCALAR_STATE or not torch.is_tensor(value):
                 out[full_key] = value
             else:
-                out[full_key] = flat_entry(value, segments[id(param)], distributor.sharded)
-    names = _names(model)
+                out[full_key] = flat_entry(value, entry.segment, sharded)
     groups = [
-        {**{k: v for k, v in group.items() if k != "params"}, "params": [names[id(p)] for p in group["params"]]}
-        for group in optimizer.param_groups
+        {**{k: v for k, v in group.items() if k != "params"}, "params": names}
+        for group, names in zip(optimizer.param_groups, _group_names(entries, optimizer))
     ]
     out[GROUPS_KEY] = pickle.dumps(groups)  # one opaque value: DCP would otherwise flatten the list of dicts
     return out
@@ -140,8 +145,7 @@ def _target(key: str, meta: Any, segment: Segment, sharded: bool, device: torch.
     return flat_entry(local, segment, sharded)
 
 
-def _check_groups(saved: list[dict[str, Any]], optimizer: torch.optim.Optimizer, names: Mapping[int, str]) -> None:
-    ours = [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+def _check_groups(saved: list[dict[str, Any]], ours: list[list[str]]) -> None:
     theirs = [group["params"] for group in saved]
     if ours != theirs:
         raise CheckpointMismatchError(
@@ -159,30 +163,30 @@ def load_optimizer_state_dict(
     if verify:
         verify_checkpoint(checkpoint_id, checkpoint_identity(model, optimizer))
     metadata = dcp.FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata
-    distributor = optimizer.distributor
-    segments = _segment_map(optimizer)
-    params = _param_names(optimizer, model)
-    known = {f"{STATE_PREFIX}{name}." for _, name in params}
+    sharded = optimizer.distributor.sharded
+    entries = _named_entries(optimizer, model)
+    known = {f"{STATE_PREFIX}{name}." for _, name in entries}
     stray = [k for k in metadata if k.startswith(STATE_PREFIX) and not any(k.startswith(p) for p in known)]
     if stray:
         raise CheckpointMismatchError(f"checkpoint has optimizer state for unknown parameters, e.g. {stray[0]}")
     target: dict[str, Any] = {GROUPS_KEY: None}
-    owners: dict[str, tuple[torch.Tensor, str, torch.Size]] = {}
-    for param, name in params:
+    owners: dict[str, tuple[StateEntry, str, torch.Size]] = {}
+    for entry, name in entries:
         prefix = f"{STATE_PREFIX}{name}."
+        shape = torch.Size([entry.segment.length]) if sharded else entry.param.shape
         for key in sorted(k for k in metadata if k.startswith(prefix)):
-            target[key] = _target(key, metadata[key], segments[id(param)], distributor.sharded, param.device)
-            shape = param.shape if not distributor.sharded else torch.Size([segments[id(param)].length])
-            owners[key] = (param, key[len(prefix):], shape)
+            target[key] = _target(key, metadata[key], entry.segment, sharded, entry.param.device)
+            owners[key] = (entry, key[len(prefix):], shape)
     dcp.load(target, checkpoint_id=checkpoint_id)
     saved_groups = pickle.loads(target[GROUPS_KEY])
-    _check_groups(saved_groups, optimizer, _names(model))
-    optimizer.state.clear()
-    for key, (param, state_key, shape) in owners.items():
+    _check_groups(saved_groups, _group_names(entries, optimizer))
+    for entry, _ in entries:
+        entry.state.clear()
+    for key, (entry, state_key, shape) in owners.items():
         value = target[key]
         if state_key not in SCALAR_STATE and torch.is_tensor(value):
             value = local_part(value).view(shape)
-        optimizer.state[param][state_key] = value
+        entry.state[state_key] = value
     for group, saved in zip(optimizer.param_groups, saved_groups):
         group.update({k: v for k, v in saved.items() if k != "params"})
 

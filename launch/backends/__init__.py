@@ -2,7 +2,7 @@
 
 Importing this package registers the implemented backends; add new ones here.
 """
-from launch.backends import ddp, deepspeed, fsdp2, single, zero  # noqa: F401  (registration side effect)
+from launch.backends import ddp, deepspeed, fsdp2, megatron, single, zero  # noqa: F401  (registration side effect)
 from launch.backends.base import Backend, Engine, OptimizerFactory
 from launch.backends.registry import KNOWN_BACKENDS, backend_class, register
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from launch.dist_env import DistEnv
 from launch.errors import LaunchError
+from launch.model import GPT, GPTShape
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 
@@ -78,6 +79,11 @@ class Backend(ABC):
 
     def check(self) -> None:
         """Hook: validate ``self.options`` and ``self.env``, raising `LaunchError`."""
+
+    def make_model(self, shape: GPTShape) -> nn.Module:
+        """The model to train (on the CPU; the loop moves it to ``env.device``), built from torch's default
+        generator, which the loop seeds identically on every rank. Default: the launcher's `GPT`."""
+        return GPT(shape)
 
     @abstractmethod
     def build(self, model: nn.Module, make_optimizer: OptimizerFactory) -> Engine:

@@ -1,9 +1,8 @@
 """Backend names and the registry that maps them to implementations.
 
-`KNOWN_BACKENDS` is every name a config may give. Implemented backends register their class with `register`
-(done in `launch.backends.__init__`); a known name without an implementation fails in `backend_class` with
-"backend X is not available yet" before any work starts. To add a backend: subclass
-`launch.backends.base.Backend`, then register it in `launch/backends/__init__.py`.
+`KNOWN_BACKENDS` is every name a config may give (config validation reads it without importing the backends).
+Each backend registers its class with `register` (done by importing `launch.backends`). To add a backend: add
+its name here, subclass `launch.backends.base.Backend`, then import its module in `launch/backends/__init__.py`.
 """
 from __future__ import annotations
 
@@ -28,9 +27,7 @@ def register(cls: type[Backend]) -> type[Backend]:
 
 
 def backend_class(name: str) -> type[Backend]:
-    """The implementation of backend ``name``; `LaunchError` if it is unknown or not implemented yet."""
-    if name not in KNOWN_BACKENDS:
-        raise LaunchError(f"unknown backend {name!r}; valid backends: {', '.join(KNOWN_BACKENDS)}")
+    """The implementation of backend ``name``; `LaunchError` if it is unknown."""
     if name not in _REGISTRY:
-        raise LaunchError(f"backend {name} is not available yet (available: {', '.join(sorted(_REGISTRY))})")
+        raise LaunchError(f"unknown backend {name!r}; valid backends: {', '.join(KNOWN_BACKENDS)}")
     return _REGISTRY[name]

@@ -24,10 +24,10 @@ import torch
 from mgup_dist.integrations.deepspeed_layout import FlatPartition, TensorPiece
 from mgup_dist.ops.base import TensorOps
 from mgup_dist.optim.nonfinite import any_rank
+from mgup_dist.optim.state_entries import StateEntry
 from mgup_dist.rules.slot import Slot
 from mgup_dist.shard.layout import ShardLayout
 from mgup_dist.shard.ops import ShardedOps
-from mgup_dist.shard.segment import Segment
 
 TENSORS_KEY = "mgup_dist.tensors"
 
@@ -109,7 +109,7 @@ class FlatPartitionDistributor:
         self.partitions = tuple(partitions)
         self._partitions = {id(p.flat): p for p in partitions}
 
-    def segment_map(self, optimizer: torch.optim.Optimizer) -> dict[int, Segment]:
+    def state_entries(self, optimizer: torch.optim.Optimizer) -> list[StateEntry]:
         """Not available: the state is keyed by DeepSpeed's flat partitions, so `mgup_dist.checkpoint`'s
         functions cannot name it; `mgup_dist.integrations.deepspeed_checkpoint` writes the same format from it
         (or use DeepSpeed's ``engine.save_checkpoint`` / ``engine.load_checkpoint``, same world size only)."""

@@ -41,6 +41,7 @@ from mgup_dist.ops.local import LocalOps
 from mgup_dist.optim.distributor import LocalDistributor
 from mgup_dist.optim.nonfinite import any_rank
 from mgup_dist.rules.requests import Orthogonalize, TensorSum, TopKMask
+from mgup_dist.optim.state_entries import StateEntry, param_state_entries
 from mgup_dist.rules.slot import Slot
 from mgup_dist.shard.collectives import Collectives
 from mgup_dist.shard.ops import ShardedOps
@@ -230,9 +231,9 @@ class FSDPDistributor:
                 yield group, param, segment
                 index += 1
 
-    def segment_map(self, optimizer: torch.optim.Optimizer) -> dict[int, Segment]:
-        """``id(param) -> Segment`` of the rows this rank holds (whole for replicated parameters)."""
-        return {id(param): segment for _, param, segment in self._segments(optimizer)}
+    def state_entries(self, optimizer: torch.optim.Optimizer) -> list[StateEntry]:
+        """Each parameter with the `Segment` of the rows this rank holds (whole for replicated parameters)."""
+        return param_state_entries(optimizer, {id(param): segment for _, param, segment in self._segments(optimizer)})
 
     def any_rank(self, flag: torch.Tensor) -> bool:
         """``flag`` ORed over the shard group (one all-reduce; local when no parameter is sharded). Replicas of

@@ -33,6 +33,12 @@ Supported: DP, TP (stride-1 splits of dim 0 or 1), PP and their products, dense 
 parallelism, no virtual pipeline stages), Megatron's DDP with ``use_distributed_optimizer=True``. Tested on
 gloo: DP=2, TP=2, TP=2 × DP=2, PP=2 (the PP test drives the stages by hand, not Megatron's p2p schedule);
 sequence and context parallelism are untested. Megatron needs CUDA; on CPU it only runs under a test shim.
+
+Checkpoints: `mgup_dist.checkpoint.optimizer_state_dict(inner, module)` / `load_optimizer_state_dict` (``inner``
+is ``chain.chained_optimizers[0].optimizer``, ``module`` the unwrapped model naming the parameters) save and
+reload the state reshardably under data parallelism (any DP size; the launcher's ``megatron`` backend does
+this). Under TP or PP they raise `NotImplementedError`. Parameters kept in 16-bit have fp32 main copies that
+this state does not include.
 """
 from __future__ import annotations
 
@@ -180,15 +186,22 @@ def _distributor(wrapper: Any, model_params: list[list[torch.Tensor]], groups: d
     from megatron.core import parallel_state
 
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+    refusal = None
+    if (tp_size, pp_size) != (1, 1):
+        refusal = (
+            f"mgup_dist.checkpoint supports Megatron's distributed optimizer under data parallelism only, not at "
+            f"TP={tp_size}, PP={pp_size} (parameter names there denote per-rank pieces or repeat across stages)"
+        )
     entries = shard_entries(wrapper, model_params, parallel_state.get_tensor_model_parallel_rank(), tp_size)
     dp = Collectives(groups["intra_dp_cp_group"])
     flags = Collectives(groups["intra_dist_opt_group"])
     if tp_size == 1:
         ops = ShardedOps(dp, DistributedOrthogonalizer(dp))
-        return MegatronShardDistributor(ops, entries, [check_cover(entries, dp)], flags)
+        return MegatronShardDistributor(ops, entries, [check_cover(entries, dp)], flags, refusal)
     tp_dp = Collectives(parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True))
     comms = (dp, tp_dp)
     layouts = [check_cover([e for e in entries if e.tensor_parallel == bool(k)], c) for k, c in enumerate(comms)]
     route = [int(e.tensor_parallel) for e in entries]
     ops = RoutedOps([ShardedOps(c, DistributedOrthogonalizer(c)) for c in comms], route, flags)
-    return MegatronShardDistributor(ops, entries, layouts, flags)
+    return MegatronShardDistributor(ops, entries, layouts, flags, refusal)

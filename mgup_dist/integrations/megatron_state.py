@@ -30,6 +30,7 @@ import torch
 from mgup_dist.ops.base import TensorOps
 from mgup_dist.optim.nonfinite import any_rank
 from mgup_dist.optim.param_groups import logical_shape
+from mgup_dist.optim.state_entries import StateEntry
 from mgup_dist.rules.slot import Slot
 from mgup_dist.shard.collectives import Collectives
 from mgup_dist.shard.layout import ShardLayout
@@ -143,19 +144,28 @@ class MegatronShardDistributor:
         entries: Sequence[ShardEntry],
         layouts: Sequence[ShardLayout],
         flag_comm: Collectives | None = None,
+        checkpoint_refusal: str | None = None,
     ) -> None:
         self.ops = ops
+        self.checkpoint_refusal = checkpoint_refusal
         self.entries = list(entries)
         self.layouts = list(layouts)
         self.flag_comm = flag_comm
         self._empty_states: dict[int, dict[str, Any]] = {e.segment.index: {} for e in entries if e.main is None}
 
-    def segment_map(self, optimizer: torch.optim.Optimizer) -> dict[int, Segment]:
-        """Not available yet: checkpoint through Megatron (``sharded_state_dict``) is not wired to our state."""
-        raise TypeError(
-            "mgup_dist.checkpoint does not support Megatron's distributed optimizer; its state lives in "
-            "optimizer.state[main_shard] of the inner optimizer"
-        )
+    def state_entries(self, optimizer: torch.optim.Optimizer) -> list[StateEntry]:
+        """Every logical tensor, named by its model parameter: the state of the main shard this rank holds
+        (``optimizer.state[main]``) or the per-tensor scalars of one it holds nothing of, with its `Segment`.
+        Data parallelism only: `NotImplementedError` under tensor or pipeline parallelism (``checkpoint_refusal``),
+        where model FQNs name per-rank pieces or repeat across stages."""
+        if self.checkpoint_refusal is not None:
+            raise NotImplementedError(self.checkpoint_refusal)
+        return [
+            StateEntry(e.model_param, e.group_index, self._state(optimizer, e), e.segment) for e in self.entries
+        ]
+
+    def _state(self, optimizer: torch.optim.Optimizer, entry: ShardEntry) -> dict[str, Any]:
+        return self._empty_states[entry.segment.index] if entry.main is None else optimizer.state[entry.main]
 
     def any_rank(self, flag: torch.Tensor) -> bool:
         """``flag`` ORed over ``flag_comm`` (one all-reduce)."""
@@ -165,13 +175,13 @@ class MegatronShardDistributor:
         main = entry.main
         if main is None:
             empty = torch.empty(0, dtype=torch.float32, device=entry.model_param.device)
-            return self._empty_states[entry.segment.index], empty, empty
+            return self._state(optimizer, entry), empty, empty
         if main.grad is None:
             raise RuntimeError(
                 f"Megatron gave no gradient to the main shard of tensor {entry.segment.index} (shape "
                 f"{entry.segment.shape}); every rank must step every tensor"
             )
-        return optimizer.state[main], main.detach(), main.grad
+        return self._state(optimizer, entry), main.detach(), main.grad
 
     def slots(self, optimizer: torch.optim.Optimizer) -> Iterator[tuple[dict[str, Any], Slot]]:
         for entry in self.entries:

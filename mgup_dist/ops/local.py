@@ -28,7 +28,7 @@ class LocalOps:
     def topk_masks(self, requests: Sequence[TopKMask]) -> list[torch.Tensor]:
         for r in requests:
             _require_whole(r)
-        return [topk_mask(r.scores, r.k) for r in requests]
+        return [topk_mask(r.scores, r.k, out=r.out) for r in requests]
 
     def orthogonalize(self, requests: Sequence[Orthogonalize]) -> list[torch.Tensor]:
         out = []

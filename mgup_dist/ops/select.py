@@ -19,8 +19,9 @@ to ``T`` in flat order.
    tie and ``s > T`` from it on (`locate_ties` finds the cut counting ties block by block).
 
 On CPU the passes run on zero-copy numpy views of the tensors, block by block so temporaries stay in cache:
-torch 2.13's CPU comparisons into bool and boolean indexing are several times slower than numpy's (on one
-thread numpy keeps up with torch on two, the passes being bound by memory bandwidth). Other devices run the
+torch 2.13's CPU comparisons into bool and boolean indexing are several times slower than numpy's. The
+counting and mask-writing passes split over ``torch.get_num_threads()`` threads (`mgup_dist.ops.threads`,
+combining per-range results in order, so the result does not depend on the thread count). Other devices run the
 same code on the tensors themselves. Cost: one reduction, one counting pass, one mask-writing pass (plus a
 tie search up to the cut when ties straddle it), partial sorts of ``~2·n**(2/3)`` sampled and
 ``~1.8·n**(2/3)`` band scores (at k = n/2), and another counting pass in the ~1% of cases the bracket misses.
@@ -29,13 +30,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator, Union
+from typing import Callable, Iterator, TypeVar, Union
 
 import numpy as np
 import torch
 
+from mgup_dist.ops.threads import map_ranges
 from mgup_dist.rules.requests import NonFiniteScoresError
 
+T = TypeVar("T")
 Values = Union[np.ndarray, torch.Tensor]  # a 1-D float32 host (numpy) view of CPU scores, or the device tensor
 
 BLOCKS = {"numpy": 1 << 16, "torch": 1 << 22}  # elements per block of a pass, per array kind
@@ -140,21 +143,35 @@ def locate_ties(scores: Values, value: float, r: int) -> int:
 
 
 def _count_pass(values: Values, lower: float, upper: float) -> tuple[int, int, Values]:
-    """``G(lower)``, ``G(upper)`` and the scores in ``(lower, upper]`` (``lower <= upper``), in one pass. When
-    that band can hold only one value (``lower == float_below(upper)``, a block of ties) it is counted, not
-    collected, and the returned band is empty."""
+    """``G(lower)``, ``G(upper)`` and the scores in ``(lower, upper]`` (``lower <= upper``), in one pass (split
+    over threads for numpy views, `map_ranges`). When that band can hold only one value (``lower ==
+    float_below(upper)``, a block of ties) it is counted, not collected, and the returned band is empty."""
     collect = lower != float_below(upper)
-    above_lower = above_upper = 0
-    band = []
-    for block in _blocks(values):
-        over_lower, over_upper = block > lower, block > upper
-        above_upper += _count(over_upper)
-        if collect:
-            band.append(block[over_lower ^ over_upper])
-        else:
-            above_lower += _count(over_lower)
-    collected = _concat(band, values)
-    return (above_upper + len(collected) if collect else above_lower), above_upper, collected
+
+    def count(lo: int, hi: int) -> tuple[int, int, list[Values]]:
+        above_lower = above_upper = 0
+        band = []
+        for block in _blocks(values[lo:hi]):
+            over_lower, over_upper = block > lower, block > upper
+            above_upper += _count(over_upper)
+            if collect:
+                band.append(block[over_lower ^ over_upper])
+            else:
+                above_lower += _count(over_lower)
+        return above_lower, above_upper, band
+
+    parts = _map(count, values)
+    above_upper = sum(part[1] for part in parts)
+    collected = _concat([piece for part in parts for piece in part[2]], values)
+    above_lower = above_upper + len(collected) if collect else sum(part[0] for part in parts)
+    return above_lower, above_upper, collected
+
+
+def _map(fn: Callable[[int, int], T], values: Values) -> list[T]:
+    """`map_ranges` over ``values``' indices for numpy views; one call over everything for device tensors."""
+    if isinstance(values, np.ndarray):
+        return map_ranges(fn, len(values))
+    return [fn(0, len(values))]
 
 
 def _sample(values: Values) -> Values:
@@ -224,13 +241,19 @@ def kth_largest(scores: torch.Tensor, k: int, score_range: tuple[float, float] |
 
 
 def _fill_mask(values: Values, out: Values, value: float, cut: int) -> None:
-    """``out[:cut] = values[:cut] >= value`` and ``out[cut:] = values[cut:] > value``, in one pass."""
+    """``out[:cut] = values[:cut] >= value`` and ``out[cut:] = values[cut:] > value``, in one pass (split over
+    threads for numpy views)."""
     lib = np if isinstance(out, np.ndarray) else torch
-    lib.greater_equal(values[:cut], value, out=out[:cut])
-    lib.greater(values[cut:], value, out=out[cut:])
+
+    def fill(lo: int, hi: int) -> None:
+        middle = min(max(cut, lo), hi)
+        lib.greater_equal(values[lo:middle], value, out=out[lo:middle])
+        lib.greater(values[middle:hi], value, out=out[middle:hi])
+
+    _map(fill, values)
 
 
-def _check(scores: torch.Tensor, k: int) -> None:
+def _check(scores: torch.Tensor, k: int, out: torch.Tensor | None) -> None:
     if not isinstance(scores, torch.Tensor) or scores.dtype != torch.float32 or scores.dim() != 1:
         raise TypeError(
             f"top-k scores must be a 1-D float32 tensor, got {getattr(scores, 'dtype', type(scores))} "
@@ -238,26 +261,37 @@ def _check(scores: torch.Tensor, k: int) -> None:
         )
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= scores.numel():
         raise ValueError(f"k={k!r} outside [0, {scores.numel()}]")
+    if out is None:
+        return
+    if not isinstance(out, torch.Tensor) or out.dtype != torch.bool:
+        raise TypeError(f"top-k out must be a bool tensor, got {getattr(out, 'dtype', type(out))}")
+    if out.shape != scores.shape or out.device != scores.device or not out.is_contiguous():
+        raise ValueError(
+            f"top-k out must be contiguous, of the scores' shape {tuple(scores.shape)} and device {scores.device}; "
+            f"got shape {tuple(out.shape)} on {out.device}"
+        )
 
 
-def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+def topk_mask(scores: torch.Tensor, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Bool mask of the ``k`` largest entries of 1-D float32 ``scores``; ties go to the lowest indices.
 
+    Written into ``out`` (a contiguous bool tensor of the scores' shape and device) and returned when given.
     ``-0.0`` ties with ``+0.0``. NaN or infinity anywhere raise `NonFiniteScoresError` (also for k = 0 or n).
-    `TypeError` for anything but a 1-D float32 tensor, `ValueError` unless ``0 <= k <= n``.
+    `TypeError` for anything but a 1-D float32 tensor (or a non-bool ``out``), `ValueError` unless
+    ``0 <= k <= n`` (or for an ``out`` of another shape or device).
     """
-    _check(scores, k)
+    _check(scores, k, out)
     scores = scores.detach().contiguous()
     n = scores.numel()
+    mask = torch.empty(n, dtype=torch.bool, device=scores.device) if out is None else out
     if n == 0:
-        return torch.zeros(0, dtype=torch.bool, device=scores.device)
+        return mask
     score_range = finite_range(scores)
     if k in (0, n):
-        return torch.full((n,), k == n, dtype=torch.bool, device=scores.device)
+        return mask.fill_(k == n)
     threshold = kth_largest(scores, k, score_range)
     r = k - threshold.above
     values = _host_view(scores)
     cut = n if r == threshold.ties else locate_ties(values, threshold.value, r)
-    mask = torch.empty(n, dtype=torch.bool, device=scores.device)
     _fill_mask(values, _host_view(mask), threshold.value, cut)
     return mask

@@ -14,7 +14,7 @@ import torch
 
 from mgup_dist.optim.distributor import Distributor, LocalDistributor, distributor_for
 from mgup_dist.optim.nonfinite import NonFiniteGuard, check_policy
-from mgup_dist.optim.validation import check_unknown, validate_group
+from mgup_dist.optim.validation import check_state_shapes, check_unknown, validate_group
 from mgup_dist.rules.driver import Rule, run_rules
 from mgup_dist.rules.slot import Slot
 
@@ -93,13 +93,17 @@ class RuleOptimizer(torch.optim.Optimizer):
                     del self.state[key]
         if skip:
             return loss
-        run_rules([self.rule_for(group, slot) for group, slot in slots], self.distributor.ops)
+        rules = [self.rule_for(group, slot) for group, slot in slots]
+        run_rules(rules, self.distributor.ops, lockstep=getattr(self.distributor, "lockstep", True))
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As `torch.optim.Optimizer.load_state_dict`, but state tensors keep the dtype and the exact values they
         were saved with (e.g. MARS's float32 ``last_grad`` beside bf16 parameters): torch casts every floating
-        state tensor to the parameter's dtype, so such tensors are taken from ``state_dict`` again."""
+        state tensor to the parameter's dtype, so such tensors are taken from ``state_dict`` again. Whole-tensor
+        state whose shape differs from the parameter it would land on is a `ValueError` (`check_state_shapes`)."""
+        if not self.distributor.sharded:
+            check_state_shapes(state_dict, self.param_groups)
         super().load_state_dict(state_dict)
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)

@@ -13,6 +13,8 @@ import torch
 from mgup_dist.ops.base import TensorOps
 from mgup_dist.ops.local import LocalOps
 from mgup_dist.optim.nonfinite import any_rank
+from mgup_dist.optim.scratch import ScratchPool
+from mgup_dist.optim.state_entries import StateEntry, param_state_entries
 from mgup_dist.rules.slot import Slot
 from mgup_dist.shard.segment import Segment
 
@@ -20,15 +22,18 @@ from mgup_dist.shard.segment import Segment
 class Distributor(Protocol):
     """Yields ``(group, slot)`` for every tensor to step, in the same order on every rank, and the ops.
 
-    ``sharded`` is False when every rank holds whole tensors (replicated state); `segment_map` gives, for each
-    parameter id, the `Segment` whose range the optimizer state of that parameter covers on this rank.
+    ``sharded`` is False when every rank holds whole tensors (replicated state); `state_entries` lists, for every
+    logical tensor, where its optimizer state lives on this rank and which `Segment` it covers (what
+    `mgup_dist.checkpoint` saves and loads).
     `any_rank` ORs a 0-d flag over the ranks sharing the tensors (collective where they are sharded).
+    An optional ``lockstep`` attribute (default True) set False lets the optimizer run the tensors' rules one
+    at a time instead of in batched rounds (`mgup_dist.rules.driver.run_rules`): only for a single process.
     """
 
     ops: TensorOps
     sharded: bool
 
-    def segment_map(self, optimizer: torch.optim.Optimizer) -> dict[int, Segment]:
+    def state_entries(self, optimizer: torch.optim.Optimizer) -> list[StateEntry]:
         ...
 
     def slots(self, optimizer: torch.optim.Optimizer) -> Iterator[tuple[dict[str, Any], Slot]]:
@@ -45,16 +50,24 @@ def _flat(tensor: torch.Tensor, what: str) -> torch.Tensor:
 
 
 class LocalDistributor:
-    """Every parameter is held whole by this process; state tensors take the parameter's shape."""
+    """Every parameter is held whole by this process; state tensors take the parameter's shape.
+
+    Rules run one tensor at a time (``lockstep`` False), so their temporaries come from one `ScratchPool`,
+    ``scratch``, reused across tensors and steps: it holds a few buffers of the largest tensor's size between
+    steps (``scratch.clear()`` releases them).
+    """
 
     sharded = False
+    lockstep = False
 
     def __init__(self) -> None:
         self.ops: TensorOps = LocalOps()
+        self.scratch = ScratchPool()
 
-    def segment_map(self, optimizer: torch.optim.Optimizer) -> dict[int, Segment]:
+    def state_entries(self, optimizer: torch.optim.Optimizer) -> list[StateEntry]:
+        """Every parameter whole, its state in ``optimizer.state[param]``."""
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        return {id(p): Segment.whole(i, tuple(p.shape)) for i, p in enumerate(params)}
+        return param_state_entries(optimizer, {id(p): Segment.whole(i, tuple(p.shape)) for i, p in enumerate(params)})
 
     def any_rank(self, flag: torch.Tensor) -> bool:
         """``flag`` itself: every rank holding whole tensors sees the same (already reduced) gradients."""
@@ -83,6 +96,7 @@ class LocalDistributor:
                     state=optimizer.state[param],
                     segment=Segment.whole(index - 1, tuple(param.shape)),
                     allocate=lambda dtype, p=param: torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format),
+                    workspace=None if self.lockstep else self.scratch,  # shared scratch needs one-at-a-time rules
                 )
 
 

@@ -1,7 +1,7 @@
 """Non-finite gradient guard: one collective flag per step decides, on every rank alike, to skip or raise.
 
 `RuleOptimizer.step` hands `NonFiniteGuard.check` the ``(group, Slot)`` pairs it is about to step. The guard
-tests every local gradient segment for NaN/inf (one ``isfinite(...).all()`` per tensor, one host sync), ORs
+tests every local gradient segment for NaN/inf (one ``aminmax`` reduction per tensor, one host sync), ORs
 the result over the ranks sharing the tensors through the distributor's ``any_rank`` (one 4-byte all-reduce
 MAX for sharded distributors; identity for `LocalDistributor`, whose ranks hold identical, already reduced
 gradients), and then, with policy
@@ -53,7 +53,19 @@ def nonfinite_flags(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     if not grads:
         return torch.zeros(0, dtype=torch.bool)
     device = grads[0].device
-    return torch.stack([(~torch.isfinite(g).all()).to(device, non_blocking=True) for g in grads])
+    return torch.stack([_nonfinite(g).to(device, non_blocking=True) for g in grads])
+
+
+def _nonfinite(grad: torch.Tensor) -> torch.Tensor:
+    """0-d bool: ``grad`` holds a NaN or inf. For floating tensors from one ``aminmax`` reduction (min and max
+    propagate NaN and an infinity is an extreme), which reads ``grad`` once and allocates nothing of its size:
+    several times cheaper on CPU than ``isfinite(grad).all()``."""
+    if grad.numel() == 0:
+        return torch.zeros((), dtype=torch.bool, device=grad.device)
+    if not grad.is_floating_point():
+        return ~torch.isfinite(grad).all()
+    low, high = torch.aminmax(grad)
+    return ~(torch.isfinite(low) & torch.isfinite(high))
 
 
 def any_rank(comm: Collectives | None, flag: torch.Tensor) -> bool:

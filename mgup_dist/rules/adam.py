@@ -10,7 +10,7 @@ from typing import Any, Mapping
 import torch
 
 from mgup_dist.rules.driver import Rule
-from mgup_dist.rules.masks import alignment, dynamic_factors, mgup_factors, sign_factors
+from mgup_dist.rules.masks import alignment, dynamic_alpha, masked_step, mgup_selection
 from mgup_dist.rules.slot import Slot
 
 
@@ -35,9 +35,12 @@ def flavour_a_step_size(lr: float, beta1: float, beta2: float, step: int, correc
     return lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
 
 
-def adam_direction(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, eps: float) -> torch.Tensor:
-    """``u = m/(sqrt(v) + ε)``, a fresh tensor (not bias-corrected); one temporary, divided into in place."""
-    denom = exp_avg_sq.sqrt().add_(eps)
+def adam_direction(
+    exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, eps: float, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``u = m/(sqrt(v) + ε)`` (not bias-corrected) in ``out`` (``exp_avg_sq``'s size and dtype), or in a fresh
+    tensor; the denominator is built there and divided into in place."""
+    denom = torch.sqrt(exp_avg_sq, out=out).add_(eps)
     return torch.div(exp_avg, denom, out=denom)
 
 
@@ -50,7 +53,7 @@ def _adam_moments_and_direction(
     exp_avg, exp_avg_sq = slot.buffer("exp_avg"), slot.buffer("exp_avg_sq")
     decay(slot.param, hp["lr"], hp["weight_decay"])
     update_moments(exp_avg, exp_avg_sq, slot.grad, beta1, beta2)
-    direction = adam_direction(exp_avg, exp_avg_sq, eps)
+    direction = adam_direction(exp_avg, exp_avg_sq, eps, out=slot.scratch("direction", exp_avg_sq.dtype))
     step_size = flavour_a_step_size(hp["lr"], beta1, beta2, step, hp.get("correct_bias", True))
     return step, direction, step_size
 
@@ -66,15 +69,14 @@ def adamw(slot: Slot, hp: Mapping[str, Any], betas_key: str = "betas", eps_key: 
 def mgup_adamw(slot: Slot, hp: Mapping[str, Any]) -> Rule:
     """MGUP-AdamW (§2.3): the top ``mask_ratio`` of ``u ⊙ g`` scaled by α, the rest by γ."""
     _, direction, step_size = _adam_moments_and_direction(slot, hp, hp["betas"], hp["eps"])
-    factors = yield from mgup_factors(direction, slot.grad, slot.segment, hp)
-    slot.param.add_(direction.mul_(factors), alpha=-step_size)
+    _, selected = yield from mgup_selection(direction, slot.grad, slot.segment, hp, slot.scratch)
+    masked_step(slot.param, direction, selected, hp["alpha"], hp["gamma"], step_size)
 
 
 def cmgup_adamw(slot: Slot, hp: Mapping[str, Any]) -> Rule:
     """CMGUP-AdamW (§2.4): α where ``u ⊙ g ≥ 0``, γ elsewhere."""
     _, direction, step_size = _adam_moments_and_direction(slot, hp, hp["betas"], hp["eps"])
-    factors = sign_factors(alignment(direction, slot.grad), hp["alpha"], hp["gamma"], direction.dtype)
-    slot.param.add_(direction.mul_(factors), alpha=-step_size)
+    masked_step(slot.param, direction, alignment(direction, slot.grad, slot), hp["alpha"], hp["gamma"], step_size)
     return
     yield  # elementwise: no requests
 
@@ -82,9 +84,9 @@ def cmgup_adamw(slot: Slot, hp: Mapping[str, Any]) -> Rule:
 def alpha_adam(slot: Slot, hp: Mapping[str, Any]) -> Rule:
     """AlphaAdam, the project definition (§3.2): alignment mask with dynamic factors 1/ā and ā."""
     from_momentum = hp["score_source"] == "momentum"
-    aligned = alignment(slot.buffer("exp_avg"), slot.grad) if from_momentum else None
+    aligned = alignment(slot.buffer("exp_avg"), slot.grad, slot) if from_momentum else None
     _, direction, step_size = _adam_moments_and_direction(slot, hp, hp["betas"], hp["eps"])
     if aligned is None:
-        aligned = alignment(direction, slot.grad)
-    factors = yield from dynamic_factors(aligned, slot, hp, direction.dtype)
-    slot.param.add_(direction.mul_(factors), alpha=-step_size)
+        aligned = alignment(direction, slot.grad, slot)
+    alpha_bar = yield from dynamic_alpha(aligned, slot, hp)
+    masked_step(slot.param, direction, aligned, 1 / alpha_bar, alpha_bar, step_size)

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import torch
+
 from mgup_dist.rules.adam import decay
 from mgup_dist.rules.driver import Rule
-from mgup_dist.rules.masks import mgup_factors
+from mgup_dist.rules.masks import masked_step, mgup_selection
 from mgup_dist.rules.slot import Slot
 
 
@@ -14,11 +16,13 @@ def lion(slot: Slot, hp: Mapping[str, Any], masked: bool = False) -> Rule:
     beta1, beta2 = hp["betas"]
     exp_avg, grad = slot.buffer("exp_avg"), slot.grad
     decay(slot.param, hp["lr"], hp["weight_decay"])
-    direction = exp_avg.mul(beta1).add_(grad, alpha=1 - beta1).sign_()
+    direction = torch.mul(exp_avg, beta1, out=slot.scratch("direction", exp_avg.dtype))
+    direction.add_(grad, alpha=1 - beta1).sign_()
     if masked:
-        factors = yield from mgup_factors(direction, grad, slot.segment, hp)
-        direction.mul_(factors)
-    slot.param.add_(direction, alpha=-hp["lr"])
+        _, selected = yield from mgup_selection(direction, grad, slot.segment, hp, slot.scratch)
+        masked_step(slot.param, direction, selected, hp["alpha"], hp["gamma"], hp["lr"])
+    else:
+        slot.param.add_(direction, alpha=-hp["lr"])
     exp_avg.mul_(beta2).add_(grad, alpha=1 - beta2)
 
 

@@ -7,7 +7,8 @@ or the dynamic 1/ā and ā). Masks are recomputed every step and never stored pe
 from __future__ import annotations
 
 import math
-from typing import Any, Generator, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Generator, Mapping
 
 import torch
 
@@ -16,16 +17,20 @@ from mgup_dist.rules.slot import Slot
 from mgup_dist.shard.segment import Segment
 
 
-def alignment_scores(direction: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """``s = direction ⊙ grad`` in float32 (the MGUP score)."""
+def alignment_scores(direction: torch.Tensor, grad: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``s = direction ⊙ grad`` in float32 (the MGUP score), written into ``out`` (float32, same size) if given."""
     if direction.dtype == torch.float32 and grad.dtype == torch.float32:
-        return direction * grad
-    return direction.float() * grad.float()
+        return torch.mul(direction, grad, out=out)
+    return torch.mul(direction.float(), grad.float(), out=out)
 
 
-def alignment(direction: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """Bool ``direction ⊙ grad ≥ 0`` computed in the operands' dtype (a zero product counts as aligned)."""
-    return (direction * grad) >= 0
+def alignment(direction: torch.Tensor, grad: torch.Tensor, slot: Slot | None = None) -> torch.Tensor:
+    """Bool ``direction ⊙ grad ≥ 0`` computed in the operands' dtype (a zero product counts as aligned); the
+    product and the result go to ``slot``'s scratch space (``"scores"``, ``"aligned"``) when given."""
+    if slot is None:
+        return (direction * grad) >= 0
+    product = torch.mul(direction, grad, out=slot.scratch("scores", torch.result_type(direction, grad)))
+    return torch.ge(product, 0, out=slot.scratch("aligned", torch.bool))
 
 
 def mask_k(mask_ratio: float, numel: int) -> int:
@@ -34,73 +39,116 @@ def mask_k(mask_ratio: float, numel: int) -> int:
 
 
 _SPAN = {torch.float16: 2.0**14}  # a power of two whose double is finite in the dtype; 2**100 for wider ones
-_CPU_BLOCK = 1 << 20  # elements per block on CPU: the second pass then reads the first's output from cache
+_CPU_BLOCK = 1 << 18  # elements per block on CPU: later passes read the block's operands from cache
+
+
+@dataclass(frozen=True)
+class _Factors:
+    """The two factor values rounded to ``dtype``; ``clamped``: whether `_fill_factors` may build them by
+    clamping ``±span`` (both at most ``span`` in magnitude and not a pair of signed zeros)."""
+
+    high: float
+    low: float
+    dtype: torch.dtype
+    clamped: bool
+
+
+def _factors(high: float, low: float, dtype: torch.dtype) -> _Factors:
+    high_value, low_value = (torch.tensor(v, dtype=dtype).item() for v in (high, low))
+    span = _SPAN.get(dtype, 2.0**100)
+    signed_zeros = high_value == low_value and math.copysign(1, high_value) != math.copysign(1, low_value)
+    clamped = abs(high_value) <= span and abs(low_value) <= span and not signed_zeros
+    return _Factors(high_value, low_value, dtype, clamped)
+
+
+def _fill_factors(selected: torch.Tensor, values: _Factors, out: torch.Tensor) -> torch.Tensor:
+    """``out`` (1-D, ``values.dtype``) ← ``values.high`` where 1-D ``selected`` else ``values.low``.
+
+    When ``values.clamped``, in two elementwise passes: the 0/1 selection maps exactly to ``±span`` (a power of
+    two), and clamping that to ``[min, max]`` of the two values returns them unchanged (bit for bit
+    ``torch.where``, which is several times slower on CPU); otherwise through ``torch.where``."""
+    high, low = values.high, values.low
+    if not values.clamped:
+        scalars = (torch.tensor(v, dtype=out.dtype, device=out.device) for v in (high, low))
+        return out.copy_(torch.where(selected, *scalars))
+    span = _SPAN.get(out.dtype, 2.0**100)
+    sign = 1.0 if high >= low else -1.0  # selected -> sign*span, the rest -> -sign*span
+    offset = torch.tensor(-sign * span, dtype=out.dtype, device=out.device)
+    torch.add(offset, selected.view(torch.uint8), alpha=2 * sign * span, out=out)
+    return out.clamp_(min(high, low), max(high, low))
+
+
+def _block_size(tensor: torch.Tensor) -> int:
+    return _CPU_BLOCK if tensor.device.type == "cpu" else max(tensor.numel(), 1)
 
 
 def sign_factors(
     selected: torch.Tensor, high: float, low: float, dtype: torch.dtype, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Φ = ``high`` where ``selected`` else ``low``, each rounded once to ``dtype``; written into ``out`` (a
-    tensor of ``selected``'s size and ``dtype``) when given.
-
-    Bit for bit ``torch.where(selected, high, low)`` in ``dtype``, but built from plain elementwise ops
-    (``where`` is several times slower on CPU): see `_clamped_factors`.
-    """
-    high_value, low_value = (torch.tensor(v, dtype=dtype).item() for v in (high, low))
+    tensor of ``selected``'s size and ``dtype``) when given. Bit for bit ``torch.where(selected, high, low)``
+    in ``dtype`` (see `_fill_factors`); on CPU block by block, so the second pass reads from cache."""
+    values = _factors(high, low, dtype)
     if out is None:
         out = torch.empty(selected.shape, dtype=dtype, device=selected.device)
     factors = out.view(selected.shape)
-    span = _SPAN.get(dtype, 2.0**100)
-    signed_zeros = high_value == low_value and math.copysign(1, high_value) != math.copysign(1, low_value)
-    if abs(high_value) <= span and abs(low_value) <= span and not signed_zeros:
-        return _clamped_factors(selected, high_value, low_value, span, factors)
-    values = (torch.tensor(v, dtype=dtype, device=selected.device) for v in (high_value, low_value))
-    return factors.copy_(torch.where(selected, *values))
-
-
-def _clamped_factors(
-    selected: torch.Tensor, high: float, low: float, span: float, factors: torch.Tensor
-) -> torch.Tensor:
-    """``factors`` ← ``high`` where ``selected`` else ``low`` (both exact in ``factors.dtype``, at most ``span``
-    in magnitude), in two passes: the 0/1 selection maps exactly to ``±span`` (a power of two), and clamping
-    that to ``[min, max]`` of the two values returns them unchanged. On CPU the passes go block by block."""
-    sign = 1.0 if high >= low else -1.0  # selected -> sign*span, the rest -> -sign*span
-    offset = torch.tensor(-sign * span, dtype=factors.dtype, device=factors.device)
-    flat, bits = factors.view(-1), selected.reshape(-1).view(torch.uint8)
-    size = _CPU_BLOCK if factors.device.type == "cpu" else max(flat.numel(), 1)
-    for block, chosen in zip(flat.split(size), bits.split(size)):
-        torch.add(offset, chosen, alpha=2 * sign * span, out=block)
-        block.clamp_(min(high, low), max(high, low))
+    size = _block_size(factors)
+    for block, chosen in zip(factors.view(-1).split(size), selected.reshape(-1).split(size)):
+        _fill_factors(chosen, values, block)
     return factors
 
 
-def mgup_factors(
-    direction: torch.Tensor, grad: torch.Tensor, segment: Segment, hp: Mapping[str, Any]
-) -> Generator[Request, Any, torch.Tensor]:
-    """MGUP_MASK: α on the exact top-k of ``direction ⊙ grad`` over the whole tensor, γ elsewhere.
+def masked_step(
+    param: torch.Tensor, direction: torch.Tensor, selected: torch.Tensor, high: float, low: float, step_size: float
+) -> None:
+    """``param ← param − step_size·(direction ⊙ Φ)``, Φ = `sign_factors` (``selected``, ``high``, ``low``) in
+    ``direction``'s dtype, leaving ``direction ⊙ Φ`` in ``direction`` (1-D tensors of one length).
 
-    Once the answer is back the scores are dead, so for a float32 ``direction`` the factors overwrite their
-    buffer: the mask costs one float tensor of the segment's size beside the bool selection.
+    Bit for bit ``param.add_(direction.mul_(sign_factors(...)), alpha=-step_size)``, but on CPU block by block
+    with Φ in a block-sized buffer: Φ never goes to memory and the product is read back from cache.
     """
+    values = _factors(high, low, direction.dtype)
+    size = _block_size(direction)
+    buffer = torch.empty(min(size, direction.numel()), dtype=direction.dtype, device=direction.device)
+    for block, update, chosen in zip(param.split(size), direction.split(size), selected.split(size)):
+        factors = _fill_factors(chosen, values, buffer[: update.numel()])
+        block.add_(update.mul_(factors), alpha=-step_size)
+
+
+def mgup_selection(
+    direction: torch.Tensor, grad: torch.Tensor, segment: Segment, hp: Mapping[str, Any],
+    scratch: Callable[[str, torch.dtype], torch.Tensor] | None = None,
+) -> Generator[Request, Any, tuple[torch.Tensor, torch.Tensor]]:
+    """The float32 scores ``direction ⊙ grad`` and MGUP's selection: bool, True on their exact top-k (``k =
+    mask_k(mask_ratio, numel)``) over the whole tensor. ``scratch`` (a `Slot.scratch`) supplies the
+    ``"scores"`` and the ``"mask"`` the selection may be written into; without it both are fresh tensors."""
     k = mask_k(hp["mask_ratio"], segment.numel)
-    scores = alignment_scores(direction, grad)
-    selected = yield TopKMask(segment, scores, k)
-    reuse = scores if direction.dtype == torch.float32 else None  # a fresh tensor, no longer needed
+    scores = alignment_scores(direction, grad, out=scratch("scores", torch.float32) if scratch else None)
+    selected = yield TopKMask(segment, scores, k, out=scratch("mask", torch.bool) if scratch else None)
+    return scores, selected
+
+
+def mgup_factors(
+    direction: torch.Tensor, grad: torch.Tensor, segment: Segment, hp: Mapping[str, Any],
+    scratch: Callable[[str, torch.dtype], torch.Tensor] | None = None,
+) -> Generator[Request, Any, torch.Tensor]:
+    """MGUP_MASK: α on the exact top-k of ``direction ⊙ grad`` over the whole tensor, γ elsewhere (see
+    `mgup_selection`). Once the answer is back the scores are dead, so for a float32 ``direction`` the factors
+    overwrite their buffer: the mask costs one float tensor of the segment's size beside the bool selection."""
+    scores, selected = yield from mgup_selection(direction, grad, segment, hp, scratch)
+    reuse = scores if direction.dtype == torch.float32 else scratch("factors", direction.dtype) if scratch else None
     return sign_factors(selected, hp["alpha"], hp["gamma"], direction.dtype, out=reuse)
 
 
-def dynamic_factors(
-    aligned: torch.Tensor, slot: Slot, hp: Mapping[str, Any], dtype: torch.dtype
-) -> Generator[Request, Any, torch.Tensor]:
-    """AlphaAdam's factors: ``1/ā`` where aligned, ``ā`` elsewhere, ā from the tensor's aligned fraction.
-
-    ``ā = max(f, alpha_min)`` (float64), smoothed into ``state['alpha_bar']`` when ``alpha_ema > 0``.
-    """
-    count = yield TensorSum(slot.segment, aligned.sum(dtype=torch.int64))
+def dynamic_alpha(aligned: torch.Tensor, slot: Slot, hp: Mapping[str, Any]) -> Generator[Request, Any, float]:
+    """AlphaAdam's ``ā = max(f, alpha_min)`` (float64) from the tensor's aligned fraction ``f``, smoothed into
+    ``state['alpha_bar']`` when ``alpha_ema > 0``."""
+    count = yield TensorSum(slot.segment, torch.count_nonzero(aligned))
     fraction = int(count) / slot.segment.numel
     alpha_bar = max(fraction, hp["alpha_min"])
     ema = hp["alpha_ema"]
     if ema > 0:
         alpha_bar = ema * slot.state.get("alpha_bar", 1.0) + (1 - ema) * alpha_bar
         slot.state["alpha_bar"] = alpha_bar
-    return sign_factors(aligned, 1 / alpha_bar, alpha_bar, dtype)
+    return alpha_bar
+

@@ -46,7 +46,7 @@ def muon(slot: Slot, hp: Mapping[str, Any], masked: bool = False) -> Rule:
     buf = slot.buffer("momentum_buffer")
     buf.mul_(momentum).add_(grad)
     direction = grad.add(buf, alpha=momentum) if hp["nesterov"] else buf
-    factors = (yield from mgup_factors(direction, grad, slot.segment, hp)) if masked else None
+    factors = (yield from mgup_factors(direction, grad, slot.segment, hp, slot.scratch)) if masked else None
     update = yield from _orthogonalize(slot, direction, hp)
     if factors is not None:
         update.mul_(factors.to(update.dtype))

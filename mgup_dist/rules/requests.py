@@ -35,6 +35,8 @@ class TopKMask:
 
     ``scores``: 1-D ``torch.float32`` local segment (``segment.length`` elements); ``-0.0`` ties with ``+0.0``.
     ``k``: ``0 <= k <= segment.numel``.
+    ``out``: optional 1-D ``torch.bool`` tensor of the same length that the answer may be written into (an
+    implementation may return a fresh tensor instead); the asker must not read it otherwise.
     Answer: 1-D ``torch.bool`` of the same length, True for the ``k`` largest scores of the whole logical
     tensor, ordering by score descending then global flat index ascending. Non-finite scores raise
     `NonFiniteScoresError`.
@@ -43,6 +45,7 @@ class TopKMask:
     segment: Segment
     scores: torch.Tensor
     k: int
+    out: torch.Tensor | None = None
 
 
 @dataclass

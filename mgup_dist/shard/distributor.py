@@ -20,6 +20,7 @@ import torch
 
 from mgup_dist.ops.base import TensorOps
 from mgup_dist.optim.nonfinite import any_rank
+from mgup_dist.optim.state_entries import StateEntry, param_state_entries
 from mgup_dist.rules.slot import Slot
 from mgup_dist.shard.collectives import Collectives
 from mgup_dist.shard.layout import ShardLayout
@@ -74,9 +75,10 @@ class ShardedDistributor:
         self.ops = ops
         self.shards = shards
 
-    def segment_map(self, optimizer: torch.optim.Optimizer) -> dict[int, Segment]:
-        """``id(full parameter) -> Segment`` this rank holds, for every tensor the engine shards."""
-        return {id(shard.param_key): shard.segment for shard in self.shards()}
+    def state_entries(self, optimizer: torch.optim.Optimizer) -> list[StateEntry]:
+        """The optimizer's parameters (the full ones the engine shards), each with the `Segment` this rank holds
+        and its state in ``optimizer.state[param]``."""
+        return param_state_entries(optimizer, {id(shard.param_key): shard.segment for shard in self.shards()})
 
     def any_rank(self, flag: torch.Tensor) -> bool:
         """``flag`` ORed over the ranks of ``ops``' group (one all-reduce; `ShardedOps` only, else local)."""

@@ -165,4 +165,4 @@ def test_a_tensor_deepspeed_never_announced_is_an_error() -> None:
 def test_checkpointing_through_mgup_dist_is_refused_under_deepspeed() -> None:
     optimizer, _, _, _ = _flat_setup("mgup_adamw")
     with pytest.raises(TypeError, match="engine.save_checkpoint"):
-        optimizer.distributor.segment_map(optimizer)
+        optimizer.distributor.state_entries(optimizer)

@@ -55,6 +55,21 @@ def test_slots_step_every_tensor_with_empty_pieces_where_nothing_is_held() -> No
     assert slots[1][1].buffer("m").numel() == 0
 
 
+def test_state_entries_name_model_parameters_and_refuse_model_parallel_layouts() -> None:
+    params = _params()
+    wrapper = _wrapper(params, {0: (5, 12)})
+    entries = shard_entries(wrapper, [params])
+    optimizer = SimpleNamespace(param_groups=[{"lr": 1.0}], state=defaultdict(dict))
+    layout = ShardLayout([(3, 4), (5,)], [[(0, 12), (0, 5)]])
+    listed = MegatronShardDistributor(LocalOps(), entries, [layout]).state_entries(optimizer)
+    assert [e.param for e in listed] == params and [e.group_index for e in listed] == [0, 0]
+    assert [(e.segment.lo, e.segment.hi) for e in listed] == [(5, 12), (0, 0)]
+    assert listed[0].state is optimizer.state[wrapper.shard_fp32_groups[0][0]]
+    refusing = MegatronShardDistributor(LocalOps(), entries, [layout], checkpoint_refusal="not at TP=2, PP=1")
+    with pytest.raises(NotImplementedError, match="not at TP=2, PP=1"):
+        refusing.state_entries(optimizer)
+
+
 def test_a_held_shard_without_gradient_raises() -> None:
     params = _params()
     entries = shard_entries(_wrapper(params, {1: (0, 5)}), [params])

@@ -1,6 +1,7 @@
 """Backend fsdp2: 2 gloo ranks under torchrun, resumed at 1 rank through DCP resharding; option validation."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -11,8 +12,11 @@ from launch.backends import backend_class
 from launch.dist_env import detect
 from launch.errors import LaunchError
 from launch.metrics import read_metrics
+from tests.launch.conftest import NANO_RUN, merged
 from tests.launch.helpers import run_pretrain
-from tests.launch.test_trainer import LOSS_RTOL, _torchrun
+from tests.launch.test_trainer import LOSS_RTOL, REPO, _torchrun
+
+SHIPPED = REPO / "configs/fsdp2_tiny_mgup_adamw.json"
 
 TWO = detect(None, {"RANK": "0", "WORLD_SIZE": "2"})
 
@@ -20,8 +24,9 @@ TWO = detect(None, {"RANK": "0", "WORLD_SIZE": "2"})
 def test_two_ranks_then_resumed_at_one_rank_is_the_same_run(make_config: Callable[..., Path], tmp_path: Path) -> None:
     """Sharded (W=2) and resumed unsharded (W=1) runs differ only in the float32 summation order of the
     gradient mean, as in the DDP test of test_trainer (measured: losses equal to 1e-7 relative)."""
-    config = make_config(backend="fsdp2", optimizer={"name": "mgup_adamw", "lr": 3e-3},
-                         train={"steps": 8, "checkpoint_every": 4, "eval_every": 4})
+    config = tmp_path / "shipped.json"  # the shipped FSDP2 config at nano size
+    config.write_text(json.dumps(merged(json.loads(SHIPPED.read_text()), {**NANO_RUN, "backend": "fsdp2",
+        "optimizer": {"lr": 3e-3}, "train": {"steps": 8, "checkpoint_every": 4, "eval_every": 4, "eval_samples": 8}})))
     two, one = tmp_path / "w2", tmp_path / "w1"
     _torchrun(2, "--config", config, "--out", two)
     run_pretrain("--resume", two / "checkpoints/step_0000004", "--out", one)

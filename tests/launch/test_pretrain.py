@@ -65,8 +65,8 @@ def _bad_cases(tmp_path: Path, make_config: Callable[..., Path]) -> dict[str, tu
                         "global_batch 8 is not divisible"),
         "unwritable out": ([*good, "--out", str(blocker / "sub")], "output directory .* is not writable"),
         "unknown backend": ([f"--config={make_config('h', backend='horovod')}", *out], 'unknown backend "horovod"'),
-        "unavailable backend": ([f"--config={make_config('f', backend='megatron')}", *out],
-                                "backend megatron is not available yet"),
+        "megatron without CUDA": ([f"--config={make_config('f', backend='megatron')}", *out],
+                                  "backend megatron needs a CUDA device"),
         "no config": (out, "--config is required"),
         "bad steps": ([*good, "--steps", "many", *out], "argument --steps: invalid int value"),
         "bad resume": (["--resume", str(tmp_path), *out], "no checkpoint there"),
@@ -75,7 +75,7 @@ def _bad_cases(tmp_path: Path, make_config: Callable[..., Path]) -> dict[str, tu
 
 
 CASES = ["missing config", "unknown key", "unknown optimizer", "batch split", "unwritable out", "unknown backend",
-         "unavailable backend", "no config", "bad steps", "bad resume", "too few steps"]
+         "megatron without CUDA", "no config", "bad steps", "bad resume", "too few steps"]
 
 
 @pytest.mark.parametrize("case", CASES)

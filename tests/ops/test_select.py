@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mgup_dist.ops import select
+from mgup_dist.ops import select, threads
 from mgup_dist.ops.select import float_below, kth_largest, locate_ties, topk_mask
 from mgup_dist.rules.masks import mask_k
 from mgup_dist.rules.requests import NonFiniteScoresError
@@ -279,6 +279,28 @@ def test_bad_input(scores, k, error: type[Exception]) -> None:
         topk_mask(scores, k)
 
 
+@pytest.mark.parametrize("n, k", [(0, 0), (50, 0), (50, 17), (50, 50), (40_000, 9_999)])
+def test_writes_into_out(n: int, k: int) -> None:
+    """With ``out`` the mask is written there (stale contents overwritten) and ``out`` is returned."""
+    scores = make_scores("zeros", n, seed=n + k)
+    out = torch.ones(n, dtype=torch.bool) if k == 0 else torch.zeros(n, dtype=torch.bool)
+    got = topk_mask(scores, k, out=out)
+    assert got is out and torch.equal(out, oracle_mask(scores, k))
+
+
+@pytest.mark.parametrize(
+    "out, error",
+    [
+        (torch.zeros(4, dtype=torch.uint8), TypeError),
+        (torch.zeros(5, dtype=torch.bool), ValueError),
+        (torch.zeros(8, dtype=torch.bool)[::2], ValueError),
+    ],
+)
+def test_bad_out(out: torch.Tensor, error: type[Exception]) -> None:
+    with pytest.raises(error, match="out"):
+        topk_mask(torch.zeros(4), 1, out=out)
+
+
 @pytest.mark.parametrize("ratio, numel, expected", [(0.29, 100, 28), (0.5, 1, 0), (1.0, 7, 7), (0.5, 101, 50)])
 def test_cardinality_identity(ratio: float, numel: int, expected: int) -> None:
     k = mask_k(ratio, numel)
@@ -311,3 +333,19 @@ def test_float_below(x: float) -> None:
     below = float_below(x)
     assert below < np.float32(x)
     assert np.nextafter(np.float32(below), np.float32(np.inf)) == np.float32(x)
+
+
+@pytest.mark.parametrize("kind", ["normal", "zeros", "signed_zeros", "few", "block"])
+def test_threaded_passes_match_the_oracle(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counting and mask passes split over 3 threads in ranges of 5000 (blocks of 1000) give the exact mask."""
+    monkeypatch.setattr(threads, "workers", lambda: 3)
+    monkeypatch.setattr(threads, "RANGE", 5000)
+    monkeypatch.setitem(select.BLOCKS, "numpy", 1000)
+    calls = []
+    original = threads.map_ranges
+    monkeypatch.setattr(select, "map_ranges", lambda fn, numel: calls.append(numel) or original(fn, numel))
+    for n, seed in ((40_000, 1), (33_333, 2)):
+        scores = make_scores(kind, n, seed)
+        for k in (1, n // 7, n // 2, n - 1):
+            assert_exact(scores, k)
+    assert calls and all(numel > threads.RANGE for numel in calls)

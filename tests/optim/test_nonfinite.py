@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mgup_dist.optim import OPTIMIZERS, build_optimizer
-from mgup_dist.optim.nonfinite import NonFiniteGradientError
+from mgup_dist.optim.nonfinite import NonFiniteGradientError, nonfinite_flags
 
 SHAPES = ((5, 9), (7,), (4, 3))
 
@@ -110,3 +110,19 @@ def test_policy_is_validated_and_not_a_constructor_keyword() -> None:
         optimizer.nonfinite = "ignore"
     with pytest.raises(TypeError):
         build_optimizer("adamw", [torch.nn.Parameter(torch.zeros(2))], nonfinite="raise")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_flags_find_every_nan_and_infinity(dtype: torch.dtype) -> None:
+    """One bad value anywhere (first, middle, last element; lengths around vector widths) is flagged; finite
+    extremes and empty tensors are not."""
+    finfo = torch.finfo(dtype)
+    for n in (1, 7, 16, 33, 1000):
+        for position in sorted({0, n // 2, n - 1}):
+            for bad in (float("nan"), float("inf"), float("-inf")):
+                grad = torch.randn(n).to(dtype)
+                grad[position] = bad
+                assert nonfinite_flags([grad]).tolist() == [True], (n, position, bad)
+    clean = torch.tensor([finfo.max, finfo.min, finfo.tiny, -0.0], dtype=dtype)
+    assert nonfinite_flags([clean, torch.zeros(0, dtype=dtype), torch.ones(3, dtype=dtype)]).tolist() == [False] * 3
+    assert nonfinite_flags([]).tolist() == []

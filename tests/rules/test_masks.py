@@ -5,7 +5,7 @@ import torch
 
 from mgup_dist.ops.local import LocalOps
 from mgup_dist.rules import masks
-from mgup_dist.rules.masks import dynamic_factors, mgup_factors
+from mgup_dist.rules.masks import dynamic_alpha, mgup_factors
 from mgup_dist.rules.requests import NonFiniteScoresError
 from mgup_dist.rules.slot import Slot
 from mgup_dist.shard.segment import Segment
@@ -86,7 +86,8 @@ def _dynamic(aligned: torch.Tensor, state: dict, alpha_min: float, alpha_ema: fl
     slot = Slot(param=torch.zeros(aligned.numel()), grad=torch.zeros(aligned.numel()), state=state,
                 segment=segment, allocate=lambda dtype: torch.zeros(aligned.shape, dtype=dtype))
     hp = {"alpha_min": alpha_min, "alpha_ema": alpha_ema}
-    return _resolve(dynamic_factors(aligned, slot, hp, torch.float64))
+    alpha_bar = _resolve(dynamic_alpha(aligned, slot, hp))
+    return masks.sign_factors(aligned, 1 / alpha_bar, alpha_bar, torch.float64)  # what AlphaAdam's step applies
 
 
 def _expected(aligned: torch.Tensor, alpha_bar: float) -> torch.Tensor:
@@ -132,3 +133,22 @@ def test_sign_factors_are_where_bit_for_bit(dtype: torch.dtype, monkeypatch: pyt
             assert written.data_ptr() == out.data_ptr()
             for got in (masks.sign_factors(selected, high, low, dtype), written):
                 assert torch.equal(got.view(as_bits), expected.view(as_bits)), (high, low)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_masked_step_is_the_unfused_update_bit_for_bit(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``masked_step`` (blocks of 7 here, the last one partial) leaves exactly ``param.add_(direction.mul_(Φ),
+    alpha=-step_size)`` in ``param`` and ``direction ⊙ Φ`` in ``direction``, for clamped and ``where`` factors."""
+    monkeypatch.setattr(masks, "_CPU_BLOCK", 7)
+    gen = torch.Generator().manual_seed(5)
+    selected = torch.rand(31, generator=gen) < 0.4
+    param, direction = (torch.randn(31, generator=gen).to(dtype) for _ in range(2))
+    for high, low in ((2.0, 0.1), (1 / 3, 3.0), (0.0, -0.0), (2.0**100, 0.5)):
+        expected_param, expected_direction = param.clone(), direction.clone()
+        expected_param.add_(expected_direction.mul_(torch.where(
+            selected, torch.tensor(high, dtype=dtype), torch.tensor(low, dtype=dtype))), alpha=-0.37)
+        got_param, got_direction = param.clone(), direction.clone()
+        masks.masked_step(got_param, got_direction, selected, high, low, 0.37)
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
+        for got, expected in ((got_param, expected_param), (got_direction, expected_direction)):
+            assert torch.equal(got.view(bits), expected.view(bits)), (high, low)
