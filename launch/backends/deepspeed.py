@@ -18,12 +18,11 @@ gradient norm: ``engine.skipped_steps`` grew) or our optimizer's non-finite guar
 DeepSpeed stepped in it (`RuleOptimizer.skipped_steps` grew). The count is ``engine.optimizer.skipped_steps``
 (kept on DeepSpeed's wrapper, which the loop reads and restores on resume like any optimizer's).
 
-Checkpoints at ZeRO stages 1 and 2 are in `mgup_dist.checkpoint`'s reshardable format
-(`mgup_dist.integrations.deepspeed_checkpoint`: model, per-tensor optimizer state, param groups and DeepSpeed's
-fp32 master weights keyed by parameter FQN), so a run resumes at any world size and zero stage 1 or 2, and
-from (or into) backends ``single``, ``ddp`` and ``zero``. At stage 3 they hold DeepSpeed's own checkpoint files
-(`launch.backends.deepspeed_files`), which resume only at stage 3 and the same world size; anything else is a
-`LaunchError` naming the reason.
+Checkpoints are in `mgup_dist.checkpoint`'s reshardable format at every ZeRO stage
+(`mgup_dist.integrations.deepspeed_checkpoint`: whole model tensors, gathered at stage 3; per-tensor optimizer
+state, param groups and DeepSpeed's fp32 master weights keyed by parameter FQN), so a run resumes at any world
+size and zero stage, and from (or into) backends ``single``, ``ddp`` and ``zero``. A checkpoint of backend
+``fsdp2`` (DTensor state) is a `LaunchError` naming the reason.
 """
 from __future__ import annotations
 
@@ -35,7 +34,6 @@ from typing import Any
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from launch.backends import deepspeed_files
 from launch.backends.base import Backend, Engine, OptimizerFactory
 from launch.backends.fsdp2 import MARKER_KEY as FSDP2_MARKER
 from launch.backends.registry import register
@@ -67,14 +65,13 @@ class DeepSpeedEngine(Engine):
     """A DeepSpeed engine driven by the launcher's loop; ``model`` is the DeepSpeed engine itself (its forward
     registers the backward hooks DeepSpeed needs), ``optimizer`` DeepSpeed's wrapper around our ``client``."""
 
-    def __init__(self, ds: Any, client: RuleOptimizer, grad_clip: float, stage: int) -> None:
+    def __init__(self, ds: Any, client: RuleOptimizer, grad_clip: float) -> None:
         self.ds = ds
         self.model = ds
         self.optimizer = ds.optimizer
         self.optimizer.skipped_steps = 0  # launcher steps skipped (see the module docstring)
         self.client = client
         self.grad_clip = grad_clip
-        self.stage = stage
         self._stepped = False
 
     def micro_step(self, sync: bool) -> AbstractContextManager[Any]:
@@ -106,26 +103,16 @@ class DeepSpeedEngine(Engine):
         self.ds.zero_grad()
 
     def state_dict(self) -> dict[str, Any]:
-        if self.stage == 3:
-            return deepspeed_files.files_state_dict(self.ds, self.stage)
         return deepspeed_checkpoint.state_dict(self.ds.module, self.client)
 
     def load_checkpoint(self, path: str) -> None:
         metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-        if deepspeed_files.META_KEY in metadata:
-            deepspeed_files.load_files(self.ds, self.stage, path, metadata)
-        elif self.stage == 3:
-            raise LaunchError(
-                f"checkpoint {path} is in the reshardable format, which backend deepspeed reads at zero_stage 1 or 2 "
-                "only; resume it at zero_stage 1 or 2 or under backend zero"
-            )
-        elif FSDP2_MARKER in metadata:
+        if FSDP2_MARKER in metadata:
             raise LaunchError(
                 f"checkpoint {path} was written by backend fsdp2 (DTensor state, not mgup_dist.checkpoint's "
                 "flattened format); resume it with backend fsdp2"
             )
-        else:
-            deepspeed_checkpoint.load_state_dict(self.ds.module, self.client, path)
+        deepspeed_checkpoint.load_state_dict(self.ds.module, self.client, path)
 
 
 @register
@@ -158,4 +145,4 @@ class DeepSpeedBackend(Backend):
             raise LaunchError("backend deepspeed does not run MARS exact mode (is_approx: false); use backend ddp")
         config = deepspeed_config(self.micro_batch, self.env.world_size, self.grad_clip, self.options)
         ds, _, _, _ = mgup_deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-        return DeepSpeedEngine(ds, optimizer, self.grad_clip, self.options["zero_stage"])
+        return DeepSpeedEngine(ds, optimizer, self.grad_clip)

@@ -51,11 +51,14 @@ class TensorPiece:
 class FlatPartition:
     """A flat 1-D master tensor DeepSpeed steps, with one `TensorPiece` per logical tensor of its group (every
     rank lists the same tensors in the same order) and, when known, the model parameters those tensors are
-    (``params[i]`` is piece ``i``'s; under ZeRO-3 the partitioned parameters), for naming them in checkpoints."""
+    (``params[i]`` is piece ``i``'s; under ZeRO-3 the partitioned parameters), for naming them in checkpoints.
+    ``group``: the index of the client optimizer's param group the partition belongs to when DeepSpeed puts it
+    in ``param_groups`` only while stepping it (ZeRO-3), else None (it is always there)."""
 
     flat: torch.Tensor
     pieces: tuple[TensorPiece, ...]
     params: tuple[torch.Tensor, ...] = ()
+    group: int | None = None
 
     def __post_init__(self) -> None:
         if self.params and len(self.params) != len(self.pieces):
@@ -134,13 +137,14 @@ def bf16_partitions(bf16: Any) -> list[FlatPartition]:
 
 
 def zero3_partitions(zero: Any) -> list[FlatPartition]:
-    """Flat partitions (one per sub-group) of a ``DeepSpeedZeroOptimizer_Stage3``."""
+    """Flat partitions (one per sub-group, with its param group) of a ``DeepSpeedZeroOptimizer_Stage3``."""
     partitions, index = [], 0
     for i, params in enumerate(zero.fp16_groups):
         rank = dist.get_rank(group=zero.sub_group_process_groups[i])
         shapes = [logical_shape(p) for p in params]
         pieces = even_split_pieces(shapes, [p.partition_numel() for p in params], rank, index)
-        partitions.append(FlatPartition(zero.fp32_partitioned_groups_flat[i], tuple(pieces), tuple(params)))
+        group = int(zero.sub_group_to_group_id[i])
+        partitions.append(FlatPartition(zero.fp32_partitioned_groups_flat[i], tuple(pieces), tuple(params), group))
         index += len(params)
     return partitions
 

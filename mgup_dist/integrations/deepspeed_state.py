@@ -10,7 +10,9 @@ State layout (`PieceState`). ``optimizer.state[flat]`` is DeepSpeed's layout: ev
 (``exp_avg``, ``momentum_buffer``, MARS's ``last_grad``, ...) is one flat tensor of the partition's length, of
 which each logical tensor uses its own range (a key only some tensors of a group use, as in a group mixing the
 Muon and AdamW paths, still spans the whole partition). DeepSpeed's checkpointing (``engine.save_checkpoint``
-/ ``load_checkpoint``) and ``safe_get_full_optimizer_state`` therefore work on it unchanged. Per-tensor scalars (the ``step`` counter, AlphaAdam's ``alpha_bar``) are kept under
+/ ``load_checkpoint``) and ``safe_get_full_optimizer_state`` therefore work on it unchanged; our reshardable
+checkpoints (`deepspeed_checkpoint`) read it through `FlatPartitionDistributor.state_entries`. Per-tensor
+scalars (the ``step`` counter, AlphaAdam's ``alpha_bar``) are kept under
 ``optimizer.state[flat]["mgup_dist.tensors"][position]``; every rank steps every tensor of a group, so these
 are identical on all ranks. A key shared by several tensors of one partition must have one dtype (all
 master gradients are fp32, so rules ask for fp32 or float64 consistently).
@@ -82,7 +84,14 @@ class PieceState(MutableMapping[str, Any]):
         flat.narrow(0, self._offset, self._length).copy_(value)
 
     def __delitem__(self, key: str) -> None:
-        del self._scalars(create=True)[key]
+        """Deletes a scalar, or a per-element key's whole flat tensor (every tensor of the partition loses it)."""
+        scalars = self._scalars(create=True)
+        if key in scalars:
+            del scalars[key]
+        elif self._is_elementwise(self._flat.get(key)):
+            del self._flat[key]
+        else:
+            raise KeyError(key)
 
     def __iter__(self) -> Iterator[str]:
         scalars = self._scalars()
@@ -110,14 +119,22 @@ class FlatPartitionDistributor:
         self._partitions = {id(p.flat): p for p in partitions}
 
     def state_entries(self, optimizer: torch.optim.Optimizer) -> list[StateEntry]:
-        """Not available: the state is keyed by DeepSpeed's flat partitions, so `mgup_dist.checkpoint`'s
-        functions cannot name it; `mgup_dist.integrations.deepspeed_checkpoint` writes the same format from it
-        (or use DeepSpeed's ``engine.save_checkpoint`` / ``engine.load_checkpoint``, same world size only)."""
-        raise TypeError(
-            "under DeepSpeed the optimizer state belongs to DeepSpeed's flat partitions: checkpoint with "
-            "mgup_dist.integrations.deepspeed_checkpoint (reshardable) or engine.save_checkpoint / "
-            "engine.load_checkpoint instead of mgup_dist.checkpoint's optimizer functions"
-        )
+        """Every logical tensor of the flat partitions, named by its model parameter, with a `PieceState` view of
+        its range of the partition's state. The group is the partition's ``group`` (ZeRO-3, whose groups are
+        empty between steps), else the group holding the flat tensor. `TypeError` when the partitions do not
+        name their parameters or are not the optimizer's."""
+        groups = {id(flat): index for index, group in enumerate(optimizer.param_groups) for flat in group["params"]}
+        entries = []
+        for partition in self.partitions:
+            group = partition.group if partition.group is not None else groups.get(id(partition.flat))
+            if len(partition.params) != len(partition.pieces) or group is None:
+                raise TypeError("the flat partitions do not name their parameters, or are not the optimizer's")
+            state, numel = optimizer.state[partition.flat], partition.flat.numel()
+            entries += [
+                StateEntry(param, group, PieceState(state, piece, numel), piece.segment)
+                for param, piece in zip(partition.params, partition.pieces)
+            ]
+        return entries
 
     def any_rank(self, flag: torch.Tensor) -> bool:
         """``flag`` ORed over DeepSpeed's data-parallel group (one all-reduce; local when ``ops`` is not a

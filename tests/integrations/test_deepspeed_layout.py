@@ -162,7 +162,32 @@ def test_a_tensor_deepspeed_never_announced_is_an_error() -> None:
         optimizer.step()
 
 
-def test_checkpointing_through_mgup_dist_is_refused_under_deepspeed() -> None:
-    optimizer, _, _, _ = _flat_setup("mgup_adamw")
-    with pytest.raises(TypeError, match="engine.save_checkpoint"):
+def test_state_entries_name_the_parameters_and_view_their_ranges() -> None:
+    optimizer, params, flat, pieces = _flat_setup("mgup_adamw")
+    with pytest.raises(TypeError, match="do not name their parameters"):
         optimizer.distributor.state_entries(optimizer)
+    layout = optimizer.distributor.layout
+    optimizer.distributor = FlatPartitionDistributor(LocalOps(), [FlatPartition(flat, pieces, tuple(params))], layout)
+    flat.grad = torch.randn(56)
+    optimizer.step()
+    entries = optimizer.distributor.state_entries(optimizer)
+    assert [e.param for e in entries] == params and [e.group_index for e in entries] == [0, 0, 0]
+    assert [e.segment for e in entries] == [piece.segment for piece in pieces]
+    assert torch.equal(entries[2].state["exp_avg"], optimizer.state[flat]["exp_avg"][33:54])
+    assert entries[2].state["step"] == 1
+    entries[0].state.clear()  # a per-element key goes for the whole partition, scalars per tensor
+    assert "exp_avg" not in optimizer.state[flat] and "step" not in entries[0].state and entries[2].state["step"] == 1
+
+
+def test_state_entries_of_a_partition_outside_the_groups_take_its_group() -> None:
+    """ZeRO-3 puts a sub-group's flat partition in ``param_groups`` only while stepping it: between steps the
+    partition's own ``group`` places its tensors; without one it is an error."""
+    optimizer, params, flat, pieces = _flat_setup("mgup_adamw")
+    layout = optimizer.distributor.layout
+    optimizer.param_groups[0]["params"] = []
+    unplaced = FlatPartitionDistributor(LocalOps(), [FlatPartition(flat, pieces, tuple(params))], layout)
+    with pytest.raises(TypeError, match="not the optimizer's"):
+        unplaced.state_entries(optimizer)
+    placed = FlatPartitionDistributor(LocalOps(), [FlatPartition(flat, pieces, tuple(params), group=0)], layout)
+    entries = placed.state_entries(optimizer)
+    assert [e.param for e in entries] == params and [e.group_index for e in entries] == [0, 0, 0]

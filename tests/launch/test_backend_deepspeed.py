@@ -1,5 +1,6 @@
 """Backend deepspeed: ZeRO-2 on 2 gloo ranks under torchrun matches the single-process run, and its checkpoint
-(the shared reshardable format) resumes at one rank under deepspeed and under backend single; skipped steps are
+(the shared reshardable format) resumes at one rank under deepspeed and under backend single; so does a ZeRO-3
+run's, also at another zero stage; skipped steps are
 counted once per launcher step from DeepSpeed's and our optimizer's counters; option validation and the
 DeepSpeed config built from the run."""
 from __future__ import annotations
@@ -69,6 +70,30 @@ def test_zero2_two_ranks_matches_single_and_resumes_at_one_rank(
     _assert_continues(read_metrics(tmp_path / "single_resumed" / "metrics.jsonl"), full)
 
 
+def test_zero3_checkpoint_resumes_at_one_rank_at_zero3_zero1_and_under_single(
+    make_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    """At ZeRO-3 the checkpoint holds the gathered whole parameters and the optimizer state and masters by
+    parameter, as at stages 1-2: the W=2 run's step-4 checkpoint continues the same run at W=1 under deepspeed
+    at stage 3 (the saved config) and at stage 1, and under backend single."""
+    options = {"backend": "deepspeed", "optimizer": OPTIMIZER, "train": TRAIN}
+    zero3 = make_config("ds3", **options, backend_options={"zero_stage": 3})
+    zero1 = make_config("ds1", **options, backend_options={"zero_stage": 1})
+    single = make_config("single", optimizer=OPTIMIZER, train=TRAIN)
+    started = _torchrun(2, "--config", zero3, "--out", tmp_path / "w2")
+    assert started.returncode == 0, started.stderr[-3000:]
+    full = read_metrics(tmp_path / "w2" / "metrics.jsonl")
+    assert full[-1]["loss"] < full[0]["loss"] - 0.3 and full[-1]["skipped_steps"] == 0
+
+    ckpt = tmp_path / "w2/checkpoints/step_0000004"
+    for name, config in (("zero3", ()), ("zero1", ("--config", zero1))):
+        resumed = _torchrun(1, "--resume", ckpt, *config, "--out", tmp_path / name)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        _assert_continues(read_metrics(tmp_path / name / "metrics.jsonl"), full)
+    run_pretrain("--resume", ckpt, "--config", single, "--out", tmp_path / "single")
+    _assert_continues(read_metrics(tmp_path / "single" / "metrics.jsonl"), full)
+
+
 class _FakeDeepSpeed:
     """A DeepSpeed engine stand-in whose ``step`` skips as told: ``"overflow"`` (DeepSpeed's own skip), an int
     (our guard skipping that many param groups) or None (a normal step)."""
@@ -92,7 +117,7 @@ class _FakeDeepSpeed:
 def test_skipped_steps_count_each_launcher_step_once() -> None:
     client = SimpleNamespace(skipped_steps=0)
     ds = _FakeDeepSpeed(client, [None, "overflow", 2, None, 1])
-    engine = DeepSpeedEngine(ds, client, grad_clip=1.0, stage=2)  # type: ignore[arg-type]
+    engine = DeepSpeedEngine(ds, client, grad_clip=1.0)  # type: ignore[arg-type]
     counts = []
     for _ in range(5):
         engine.clip_grad_norm(1.0)
