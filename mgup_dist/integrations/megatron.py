@@ -19,7 +19,7 @@ Tensor parallelism: the logical tensor of a split parameter is the whole matrix 
 concatenated along ``partition_dim``), and our operations act on it: top-k masks with the global tie rule,
 Newton-Schulz of the whole matrix gathered to one owner, sums over all pieces. So TP=2 gives the update TP=1
 gives for the same gradient (bit for bit; `tests/integrations/test_megatron_parallel.py`). Split parameters are
-sharded over the tensor-and-data-parallel group (row-parallel weights as column-block `Segment`\ s); parameters
+sharded over the tensor-and-data-parallel group (row-parallel weights as column-block segments); parameters
 each tensor-parallel rank holds whole (norms, row-parallel biases) over the data-parallel group, each rank
 stepping its identical replica. Caveat: with gated linear units (SwiGLU) Megatron's ``linear_fc1`` pieces are
 ``[gate_t; up_t]`` per rank, so their concatenation is a row permutation of the TP=1 weight: the update is the

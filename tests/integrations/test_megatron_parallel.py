@@ -17,11 +17,11 @@ so its tensor-parallel replicas are counted once.
 
 Pipeline parallelism (PP=2): each stage wraps its own half of the model's parameters (embedding, norm and
 MLP input on stage 0; MLP output and head on stage 1) in Megatron's DDP and our optimizer, and steps them with
-its own groups. Megatron's pipeline schedule is not run: both ranks compute the whole model's gradient in one
-process (the same arithmetic as the reference), Megatron's DDP hooks take each stage's part, each stage steps,
-and the stages exchange their updated parameters. What this covers is the optimizer path under PP (per-stage
-groups and layouts, Megatron's gradient norm across stages, our non-finite flag over all ranks), not
-Megatron's p2p schedule.
+its own groups. Here both ranks compute the whole model's gradient in one process (the same arithmetic as the
+reference), Megatron's DDP hooks take each stage's part, each stage steps, and the stages exchange their
+updated parameters: the optimizer path under PP (per-stage groups and layouts, Megatron's gradient norm across
+stages, our non-finite flag over all ranks). Megatron's real p2p pipeline schedule is run in
+`tests/integrations/test_megatron_pipeline.py`.
 """
 from __future__ import annotations
 
