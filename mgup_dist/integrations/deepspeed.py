@@ -162,7 +162,7 @@ def attach(wrapper: Any, optimizer: RuleOptimizer, options: Settings = Settings(
     comm = Collectives(_one_group(list(getattr(wrapper, groups_attribute))))
     partitions = build(wrapper)
     layout = check_cover(partitions, comm)
-    ops = ShardedOps(comm, DistributedOrthogonalizer(comm, options.gather_max_numel))
+    ops = ShardedOps(comm, DistributedOrthogonalizer(comm, options.gather_max_numel, layout))
     optimizer.distributor = FlatPartitionDistributor(ops, partitions, layout)
 
 

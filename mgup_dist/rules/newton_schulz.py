@@ -25,7 +25,18 @@ def newton_schulz(matrix: torch.Tensor, steps: int = 5, dtype: torch.dtype = tor
     for _ in range(steps):
         gram = x @ x.T
         poly = b * gram + c * (gram @ gram)
-        x = a * x + poly @ x
+        x = _scaled_add(a, x, poly @ x)
     if tall:
         x = x.T
     return x.contiguous()
+
+
+def _scaled_add(a: float, x: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """``a * x + update`` (``update`` contiguous), bitwise and in memory layout: when ``x`` is the transposed
+    view of a contiguous tensor (a tall matrix's wide orientation), eager ``a * x + update`` keeps ``x``'s
+    layout and reads ``update`` across its rows, several times slower on CPU than transposing ``update`` in one
+    blocked copy and adding contiguously. The same two roundings happen either way, and the result has the
+    layout the next ``@`` expects, so the matmuls, too, see exactly what they saw before."""
+    if x.T.is_contiguous() and not x.is_contiguous():
+        return (a * x.T + update.T.contiguous()).T
+    return a * x + update
