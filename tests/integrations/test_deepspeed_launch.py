@@ -14,6 +14,7 @@ import sys
 from tests.integrations.deepspeed_harness import CONFIG_DIR, ROOT
 
 STEPS = 4
+NUMBER = r"[-+]?(?:\d+\.\d*(?:e[-+]\d+)?|nan|inf)"
 
 
 def test_example_trains_under_torchrun_with_identical_parameters_on_every_rank() -> None:
@@ -30,7 +31,9 @@ def test_example_trains_under_torchrun_with_identical_parameters_on_every_rank()
     done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "optimizer MGUPMuon, ZeRO stage 3, world size 2" in done.stdout
-    losses = [float(x) for x in re.findall(r"^step \d+ loss (\S+)$", done.stdout, re.M)]
+    # Not anchored to line starts: both ranks and DeepSpeed's logger share this pipe, and a log line written in
+    # several pieces can land in front of another rank's line (seen under load).
+    losses = [float(x) for x in re.findall(rf"step \d+ loss ({NUMBER})", done.stdout)]
     assert len(losses) == STEPS and all(math.isfinite(x) for x in losses), done.stdout
-    checksums = dict(re.findall(r"^rank (\d) checksum (\S+)$", done.stdout, re.M))
+    checksums = dict(re.findall(rf"rank (\d) checksum ({NUMBER})", done.stdout))
     assert sorted(checksums) == ["0", "1"] and checksums["0"] == checksums["1"], done.stdout
