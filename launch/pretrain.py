@@ -110,12 +110,13 @@ def plan_run(args: argparse.Namespace) -> Optional[RunPlan]:
         ckpt = _auto_checkpoint(args)
     else:
         ckpt = checkpoint.resolve(Path(args.resume)) if args.resume else None
-    saved = parse_config(checkpoint.read_trainer_state(ckpt)["config"]) if ckpt else None
+    trainer_state = checkpoint.read_trainer_state(ckpt) if ckpt else None
+    saved = parse_config(trainer_state["config"]) if trainer_state else None
     if args.config is None and saved is None:
         raise LaunchError("--config is required (unless --resume finds a checkpoint)")
     cfg = _override(load_config(args.config) if args.config else saved, args)
-    if ckpt is not None and saved is not None:
-        if auto and checkpoint.read_trainer_state(ckpt)["step"] >= cfg.train.steps:
+    if trainer_state is not None and saved is not None:
+        if auto and trainer_state["step"] >= cfg.train.steps:
             return None
         _check_resumable(cfg, saved, ckpt)
     env = detect(args.local_rank)

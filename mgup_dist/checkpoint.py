@@ -40,7 +40,7 @@ from mgup_dist.optim.state_entries import StateEntry
 from mgup_dist.shard.segment import Segment
 
 __all__ = [
-    "CheckpointError", "CheckpointIntegrityError", "CheckpointMismatchError", "checkpoint_identity",
+    "CheckpointError", "CheckpointIntegrityError", "CheckpointMismatchError", "check_model_entries", "checkpoint_identity",
     "flat_entry", "load_model_state_dict", "load_optimizer_state_dict", "local_part", "model_state_dict",
     "optimizer_state_dict", "save_atomic",
 ]
@@ -200,6 +200,20 @@ def model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {f"{MODEL_PREFIX}{key}": value for key, value in model.state_dict().items()}
 
 
+def check_model_entries(metadata: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...] | None]) -> None:
+    """`CheckpointMismatchError` unless the checkpoint's ``model.*`` entries (DCP ``metadata``) are exactly the
+    keys of ``shapes`` (``model.<key>`` -> the model's shape of that entry, None for non-tensor state such as
+    Megatron's ``_extra_state``), with those shapes where both sides are tensors."""
+    saved = {key for key in metadata if key.startswith(MODEL_PREFIX)}
+    if saved != set(shapes):
+        missing, extra = sorted(set(shapes) - saved), sorted(saved - set(shapes))
+        raise CheckpointMismatchError(f"checkpoint model keys differ: missing {missing[:3]}, unexpected {extra[:3]}")
+    for key, shape in shapes.items():
+        meta = metadata[key]
+        if isinstance(meta, TensorStorageMetadata) and shape is not None and tuple(meta.size) != shape:
+            raise CheckpointMismatchError(f"checkpoint entry {key} has shape {tuple(meta.size)}, the model {shape}")
+
+
 def load_model_state_dict(model: nn.Module, checkpoint_id: str | os.PathLike, *, verify: bool = True) -> None:
     """Loads the ``model.*`` entries of a checkpoint into a replicated ``model`` (strict: missing or extra keys
     and shape changes raise `CheckpointMismatchError`). With ``verify``, the manifest is checked first
@@ -208,14 +222,7 @@ def load_model_state_dict(model: nn.Module, checkpoint_id: str | os.PathLike, *,
         verify_checkpoint(checkpoint_id, checkpoint_identity(model))
     metadata = dcp.FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata
     state = model_state_dict(model)
-    saved = {key for key in metadata if key.startswith(MODEL_PREFIX)}
-    if saved != set(state):
-        missing, extra = sorted(set(state) - saved), sorted(saved - set(state))
-        raise CheckpointMismatchError(f"checkpoint model keys differ: missing {missing[:3]}, unexpected {extra[:3]}")
-    for key, value in state.items():
-        meta = metadata[key]
-        if isinstance(meta, TensorStorageMetadata) and tuple(meta.size) != tuple(value.shape):
-            raise CheckpointMismatchError(f"checkpoint entry {key} has shape {tuple(meta.size)}, the model {tuple(value.shape)}")
+    check_model_entries(metadata, {k: tuple(v.shape) if torch.is_tensor(v) else None for k, v in state.items()})
     dcp.load(state, checkpoint_id=checkpoint_id)
     model.load_state_dict({key[len(MODEL_PREFIX):]: value for key, value in state.items()})
 

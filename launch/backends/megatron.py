@@ -18,6 +18,7 @@ loading the model restores them); its names differ from the launcher's GPT, so o
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 from contextlib import AbstractContextManager
 from typing import Any, Iterator
 
@@ -96,10 +97,9 @@ class MegatronBackend(Backend):
     OPTIONS: dict[str, Any] = {}
 
     def check(self) -> None:
-        try:
-            import megatron.core  # noqa: F401
-        except ImportError:
-            raise LaunchError('backend megatron needs megatron-core: pip install -e ".[megatron]"') from None
+        # find_spec, not import: importing megatron.core takes seconds and prints its warnings before the error
+        if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.core") is None:
+            raise LaunchError('backend megatron needs megatron-core: pip install -e ".[megatron]"')
         if not _cuda_usable():
             raise LaunchError(
                 "backend megatron needs a CUDA device: megatron-core 0.16 allocates its gradient buffers and "

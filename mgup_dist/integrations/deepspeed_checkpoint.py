@@ -34,7 +34,7 @@ from torch import nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from mgup_dist.checkpoint import (
-    MODEL_PREFIX, CheckpointMismatchError, flat_entry, load_model_state_dict, load_optimizer_state_dict, local_part,
+    MODEL_PREFIX, CheckpointMismatchError, check_model_entries, flat_entry, load_model_state_dict, load_optimizer_state_dict, local_part,
     model_state_dict, optimizer_state_dict,
 )
 from mgup_dist.integrations.deepspeed_layout import FlatPartition, TensorPiece
@@ -107,20 +107,16 @@ def _load_partitioned_model(
     from deepspeed.runtime.zero import GatheredParameters
 
     state = module.state_dict()
-    saved = {key[len(MODEL_PREFIX):] for key in metadata if key.startswith(MODEL_PREFIX)}
-    if saved != set(state):
-        missing, extra = sorted(set(state) - saved), sorted(saved - set(state))
-        raise CheckpointMismatchError(f"checkpoint model keys differ: missing {missing[:3]}, unexpected {extra[:3]}")
+    shapes = {
+        key: tuple(partitioned[key].ds_shape) if key in partitioned else tuple(v.shape) if torch.is_tensor(v) else None
+        for key, v in state.items()
+    }
+    check_model_entries(metadata, {f"{MODEL_PREFIX}{key}": shape for key, shape in shapes.items()})
     target: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         meta = metadata[f"{MODEL_PREFIX}{key}"]
-        shape = tuple(partitioned[key].ds_shape) if key in partitioned else tuple(value.shape)
-        if isinstance(meta, TensorStorageMetadata) and tuple(meta.size) != shape:
-            raise CheckpointMismatchError(
-                f"checkpoint entry {MODEL_PREFIX}{key} has shape {tuple(meta.size)}, the model {shape}"
-            )
         whole = key in partitioned and isinstance(meta, TensorStorageMetadata)
-        target[f"{MODEL_PREFIX}{key}"] = torch.zeros(shape, dtype=meta.properties.dtype) if whole else value
+        target[f"{MODEL_PREFIX}{key}"] = torch.zeros(partitioned[key].ds_shape, dtype=meta.properties.dtype) if whole else value
     dcp.load(target, checkpoint_id=checkpoint_id)
     written: set[int] = set()
     for key, param in partitioned.items():
