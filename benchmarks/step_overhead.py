@@ -6,10 +6,11 @@ Run from the repository root::
 
 Every optimizer of `mgup_dist.optim.OPTIMIZERS` is built with `build_optimizer` at its default
 hyperparameters (the Muon family over `muon_param_groups(model)`, so the 2-D block weights take the matrix
-path and the embeddings, biases and norms the AdamW path), next to two baselines built in this run:
-``torch.optim.AdamW(foreach=True)`` and MGUP-AdamW whose mask comes from ``torch.topk`` indices, as in the
-authors' reference (`TopkOps`). The parameters are GPT-2 small's (124M): token embedding 50257x768 (the
-tied head), positions 1024x768, 12 blocks of c_attn 768x2304, attention c_proj 768x768, mlp c_fc 768x3072
+path and the embeddings, biases and norms the AdamW path), next to baselines built in this run:
+``torch.optim.AdamW(foreach=True)``, MGUP-AdamW whose mask comes from ``torch.topk`` indices, as in the
+authors' reference (`TopkOps`), and MGUP-AdamW on the portable numpy selection passes (``MGUP_DIST_NATIVE=0``),
+to show what the native kernels (`mgup_dist.native`) bring. The parameters are GPT-2 small's (124M): token
+embedding 50257x768 (the tied head), positions 1024x768, 12 blocks of c_attn 768x2304, attention c_proj 768x768, mlp c_fc 768x3072
 and c_proj 3072x768 (each with a bias) and two LayerNorms, and a final LayerNorm. Gradients are fixed random
 normals, with the embedding rows of tokens absent from a batch (`ABSENT_TOKENS` of the vocabulary) zero, as
 in training: zero gradients give zero MGUP scores and so the tie-heavy path of the selection.
@@ -25,6 +26,7 @@ its ``sqrt(v)`` list every step); wall-clock times on a shared machine also incl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import os
@@ -35,12 +37,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from benchmarks.results_page import replace_section
+from mgup_dist import native
 from mgup_dist.optim import OPTIMIZERS, build_optimizer, muon_param_groups
 from mgup_dist.ops.local import LocalOps
 from mgup_dist.optim.muon import MuonFamily
@@ -51,6 +54,7 @@ ABSENT_TOKENS = 0.6  # fraction of embedding rows whose gradient is zero
 SLOW_STEPS = 3  # timed steps of the Muon family (the median then shrugs off one outlier)
 TORCH_ADAMW = "torch AdamW (foreach)"
 TOPK_BASELINE = "mgup_adamw, torch.topk mask"
+PORTABLE = "mgup_adamw, portable selection"  # MGUP_DIST_NATIVE=0: numpy passes instead of the native kernels
 
 
 @dataclass(frozen=True)
@@ -111,8 +115,9 @@ class TopkOps(LocalOps):
     def topk_masks(self, requests: Sequence[TopKMask]) -> list[torch.Tensor]:
         masks = []
         for request in requests:
-            mask = torch.zeros_like(request.scores, dtype=torch.bool)
-            mask[torch.topk(request.scores, request.k).indices] = True
+            scores = request.score_tensor()
+            mask = torch.zeros_like(scores, dtype=torch.bool)
+            mask[torch.topk(scores, request.k).indices] = True
             masks.append(mask)
         return masks
 
@@ -136,8 +141,26 @@ def optimizer_factories(model: nn.Module) -> dict[str, Callable[[], torch.optim.
         TORCH_ADAMW: lambda: torch.optim.AdamW(model.parameters(), foreach=True),
     }
     factories.update((name, ours(name)) for name in OPTIMIZERS)
+    factories[PORTABLE] = ours("mgup_adamw")
     factories[TOPK_BASELINE] = topk_mgup
     return factories
+
+
+@contextlib.contextmanager
+def native_setting(name: str) -> Iterator[None]:
+    """``MGUP_DIST_NATIVE=0`` while the `PORTABLE` variant steps; the environment as it was otherwise."""
+    if name != PORTABLE:
+        yield
+        return
+    before = os.environ.get("MGUP_DIST_NATIVE")
+    os.environ["MGUP_DIST_NATIVE"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["MGUP_DIST_NATIVE"]
+        else:
+            os.environ["MGUP_DIST_NATIVE"] = before
 
 
 def timed_step(optimizer: torch.optim.Optimizer) -> float:
@@ -176,9 +199,10 @@ def measure(shape: Shape, steps: int, warmup: int) -> tuple[int, dict[str, list[
     for name, factory in optimizer_factories(model).items():
         slow = in_muon_family(name)
         optimizer = factory()
-        for _ in range(min(warmup, 1) if slow else warmup):
-            optimizer.step()
-        times[name] = [timed_step(optimizer) for _ in range(min(steps, SLOW_STEPS) if slow else steps)]
+        with native_setting(name):
+            for _ in range(min(warmup, 1) if slow else warmup):
+                optimizer.step()
+            times[name] = [timed_step(optimizer) for _ in range(min(steps, SLOW_STEPS) if slow else steps)]
         del optimizer
         gc.collect()
         print(f"{name:32s} ms per step: {[round(t * 1e3) for t in times[name]]}", file=sys.stderr, flush=True)
@@ -201,7 +225,8 @@ def table(times: dict[str, list[float]]) -> str:
     mgup = medians["mgup_adamw"]
     lines.append(
         f"\nMGUP-AdamW takes {mgup / medians['adamw']:.2f}x our AdamW's step (target <= 1.3x); the torch.topk "
-        f"mask takes {medians[TOPK_BASELINE] / mgup:.2f}x MGUP-AdamW's step (target >= 2x)."
+        f"mask takes {medians[TOPK_BASELINE] / mgup:.2f}x MGUP-AdamW's step (target >= 2x); the portable numpy "
+        f"selection takes {medians[PORTABLE] / mgup:.2f}x."
     )
     return "\n".join(lines)
 
@@ -237,7 +262,8 @@ def main(argv: Sequence[str] | None = None) -> str:
         body = "\n".join([
             f"`{command}` on {datetime.date.today().isoformat()}: {cpu_name()}, {os.cpu_count()} CPUs, "
             f"torch.get_num_threads() = {torch.get_num_threads()}, torch {torch.__version__}, "
-            f"{numel:,} parameters ({'smoke shapes' if args.small else 'GPT-2 small'}); load average "
+            f"{numel:,} parameters ({'smoke shapes' if args.small else 'GPT-2 small'}); native selection kernels "
+            f"{'on' if native.library() is not None else 'OFF (unavailable)'}; load average "
             f"{load_before} before, {load_average()} after; {time.perf_counter() - started:.0f} s in all.",
             "",
             result,

@@ -19,7 +19,8 @@ What `initialize` does around ``deepspeed.initialize``:
    state with a zero-gradient step, which would otherwise count a step and apply weight decay);
 4. `attach`-es the optimizer to the wrapper DeepSpeed chose, so each DeepSpeed step runs our rules on this
    rank's segments (`deepspeed_layout`, `deepspeed_state`), with the tensor-wide operations (top-k, sums,
-   Newton-Schulz) over DeepSpeed's data-parallel group.
+   Newton-Schulz) over DeepSpeed's data-parallel group. At ZeRO-1/2 a step whose gradient norm DeepSpeed found
+   finite skips our non-finite guard's scan and all-reduce (`finite_norm_check`).
 
 DeepSpeed semantics stay DeepSpeed's: it averages (and, with ``gradient_clipping``, clips) the gradients before
 our step, and at ZeRO stages 1-3 a parameter without a gradient is stepped with a zero gradient (DeepSpeed
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import math
 from typing import Any, Callable, Iterator
 
 import torch
@@ -163,7 +165,35 @@ def attach(wrapper: Any, optimizer: RuleOptimizer, options: Settings = Settings(
     partitions = build(wrapper)
     layout = check_cover(partitions, comm)
     ops = ShardedOps(comm, DistributedOrthogonalizer(comm, options.gather_max_numel, layout))
-    optimizer.distributor = FlatPartitionDistributor(ops, partitions, layout)
+    optimizer.distributor = FlatPartitionDistributor(ops, partitions, layout, finite_norm_check(wrapper))
+
+
+def finite_norm_check(wrapper: Any) -> Callable[[], bool] | None:
+    """For DeepSpeed's ZeRO-1/2 wrapper: a check that its gradient norm of the current step is finite, else None.
+
+    ``DeepSpeedZeroOptimizer.step`` computes the L2 norm of all groups' gradient partitions and all-reduces it
+    over the data-parallel group before it calls our ``step()`` (once per group); an inf/NaN norm becomes a
+    negative sentinel (and, unless bf16 without ``check_grad_overflow``, a skipped step). A finite, non-negative
+    ``_global_grad_norm`` is the same on every rank and shows that every gradient it summed is finite, and the
+    clipping/unscaling after it multiplies by a finite factor <= 1. The norm leaves out pipeline-replicated
+    parameters and, with a model-parallel unit, non-model-parallel parameters on model-parallel ranks > 0, so
+    with either (or with ``compute_grad_norm`` off, or another wrapper) there is no check. The norm is set in
+    the step that hands our optimizer its gradients (DeepSpeed clears them after each group's step)."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    if type(wrapper) is not DeepSpeedZeroOptimizer or not getattr(wrapper, "compute_grad_norm", False):
+        return None
+    params = [p for group in wrapper.bit16_groups for p in group]
+    if wrapper.mpu is not None or any(getattr(p, "ds_pipe_replicated", False) for p in params):
+        return None
+
+    def check() -> bool:
+        norm = wrapper._global_grad_norm
+        if norm is None:
+            return False
+        value = float(norm)
+        return math.isfinite(value) and value >= 0
+    return check
 
 
 def _client_optimizer(spec: OptimizerSpec | None, optimizer: Any, model: nn.Module, params: Any) -> Any:

@@ -19,7 +19,7 @@ master gradients are fp32, so rules ask for fp32 or float64 consistently).
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, MutableMapping, Sequence
+from typing import Any, Callable, Iterator, MutableMapping, Sequence
 
 import torch
 
@@ -107,16 +107,29 @@ class FlatPartitionDistributor:
 
     ``partitions``: every flat tensor DeepSpeed may put in ``param_groups``, with its pieces; ``ops`` resolves
     the rules' requests over DeepSpeed's data-parallel group (`ShardedOps`); ``layout``: all ranks' segments
-    (`ShardLayout`, tensors numbered as the segments' ``index``), for inspection.
+    (`ShardLayout`, tensors numbered as the segments' ``index``), for inspection; ``finite_check``: called by
+    `known_finite` (None: never known).
     """
 
     sharded = True
 
-    def __init__(self, ops: TensorOps, partitions: Sequence[FlatPartition], layout: ShardLayout) -> None:
+    def __init__(
+        self,
+        ops: TensorOps,
+        partitions: Sequence[FlatPartition],
+        layout: ShardLayout,
+        finite_check: Callable[[], bool] | None = None,
+    ) -> None:
         self.ops = ops
         self.layout = layout
         self.partitions = tuple(partitions)
         self._partitions = {id(p.flat): p for p in partitions}
+        self._finite_check = finite_check
+
+    def known_finite(self) -> bool:
+        """Whether DeepSpeed has already found every gradient of this step finite, on every rank alike (the
+        non-finite guard then skips its own check; see `mgup_dist.optim.nonfinite`)."""
+        return self._finite_check is not None and self._finite_check()
 
     def state_entries(self, optimizer: torch.optim.Optimizer) -> list[StateEntry]:
         """Every logical tensor of the flat partitions, named by its model parameter, with a `PieceState` view of

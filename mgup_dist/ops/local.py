@@ -5,9 +5,10 @@ from typing import Sequence
 
 import torch
 
-from mgup_dist.ops.select import topk_mask
+from mgup_dist.native import kernels
+from mgup_dist.ops.select import topk_mask, topk_mask_of_product
 from mgup_dist.rules.newton_schulz import newton_schulz
-from mgup_dist.rules.requests import Orthogonalize, TensorSum, TopKMask
+from mgup_dist.rules.requests import Orthogonalize, ScoreProduct, TensorSum, TopKMask
 
 
 def _require_whole(request: TensorSum | TopKMask | Orthogonalize) -> None:
@@ -15,6 +16,18 @@ def _require_whole(request: TensorSum | TopKMask | Orthogonalize) -> None:
         raise ValueError(
             f"LocalOps got a partial segment {request.segment}; sharded layouts need collective TensorOps"
         )
+
+
+def _topk_mask(request: TopKMask) -> torch.Tensor:
+    """A `ScoreProduct` goes to the native kernels as its factors when they can read them (no scores written)."""
+    scores = request.scores
+    if (
+        isinstance(scores, ScoreProduct)
+        and scores.direction.dtype == scores.grad.dtype == torch.float32
+        and kernels.usable(scores.direction, scores.grad, request.out)
+    ):
+        return topk_mask_of_product(scores.direction, scores.grad, request.k, out=request.out)
+    return topk_mask(request.score_tensor(), request.k, out=request.out)
 
 
 class LocalOps:
@@ -28,7 +41,7 @@ class LocalOps:
     def topk_masks(self, requests: Sequence[TopKMask]) -> list[torch.Tensor]:
         for r in requests:
             _require_whole(r)
-        return [topk_mask(r.scores, r.k, out=r.out) for r in requests]
+        return [_topk_mask(r) for r in requests]
 
     def orthogonalize(self, requests: Sequence[Orthogonalize]) -> list[torch.Tensor]:
         out = []

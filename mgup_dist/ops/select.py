@@ -18,9 +18,13 @@ to ``T`` in flat order.
 4. When ``r`` takes every tie the mask is ``s >= T``; otherwise ``s >= T`` before the cut just after the r-th
    tie and ``s > T`` from it on (`locate_ties` finds the cut counting ties block by block).
 
-On CPU the passes run on zero-copy numpy views of the tensors, block by block so temporaries stay in cache:
+On CPU, where the native kernels of `mgup_dist.native` are built, each pass is one fused loop there
+(`_native_mask`): the first counting pass also rejects NaN/infinity (no min/max reduction), writes the mask
+``s > upper`` and records where the band lies, so the k-th score's band is settled in place and the mask costs
+no pass of its own; scores given as a product (`topk_mask_of_product`) are never written to memory. Otherwise
+the passes run on zero-copy numpy views of the tensors, block by block so temporaries stay in cache:
 torch 2.13's CPU comparisons into bool and boolean indexing are several times slower than numpy's. The
-counting and mask-writing passes split over ``torch.get_num_threads()`` threads (`mgup_dist.ops.threads`,
+counting and mask-writing passes split over ``torch.get_num_threads()`` threads (`mgup_dist.native.threads`,
 combining per-range results in order, so the result does not depend on the thread count). Other devices run the
 same code on the tensors themselves. Cost: one reduction, one counting pass, one mask-writing pass (plus a
 tie search up to the cut when ties straddle it), partial sorts of ``~2·n**(2/3)`` sampled and
@@ -35,7 +39,9 @@ from typing import Callable, Iterator, TypeVar, Union
 import numpy as np
 import torch
 
-from mgup_dist.ops.threads import map_ranges
+from mgup_dist import native
+from mgup_dist.native import kernels
+from mgup_dist.native.threads import map_ranges
 from mgup_dist.rules.requests import NonFiniteScoresError
 
 T = TypeVar("T")
@@ -46,6 +52,7 @@ SAMPLE_FROM = 1 << 14  # smaller tensors skip the sample: their single pass coll
 _MAX_SAMPLE = 1 << 18
 _MARGIN_SD = 2.5  # bracket half-width in standard deviations of the sample quantile (1.2% of passes miss)
 _WIDEN = 4  # bracket growth after a pass that missed
+NATIVE_DENSITY = 1.0  # sample density of the native path (see `_sample`)
 _MAX_PASSES = 4  # after this many sampled passes the whole remaining interval is collected
 
 
@@ -110,6 +117,8 @@ def _order_statistics(values: Values, ranks: list[int]) -> list[float]:
     if not ranks:
         return []
     if isinstance(values, np.ndarray):
+        if native.library() is not None:
+            return kernels.order_statistics(values, ranks)
         return [float(v) for v in np.partition(values, ranks)[ranks]]
     return [float(torch.kthvalue(values, rank + 1).values) for rank in ranks]
 
@@ -130,6 +139,8 @@ def locate_ties(scores: Values, value: float, r: int) -> int:
         raise ValueError(f"r={r} < 0")
     if isinstance(scores, torch.Tensor):
         scores = _host_view(scores)
+    if r > 0 and isinstance(scores, np.ndarray) and scores.flags.c_contiguous and native.library() is not None:
+        return kernels.locate_ties(scores, None, value, r)
     start, remaining = 0, r
     if remaining == 0:
         return 0
@@ -174,13 +185,14 @@ def _map(fn: Callable[[int, int], T], values: Values) -> list[T]:
     return [fn(0, len(values))]
 
 
-def _sample(values: Values) -> Values:
-    """A deterministic strided sample of about ``2·n**(2/3)`` scores (between 1024 and `_MAX_SAMPLE`), which
-    balances the sample's partial sort against collecting and sorting the band (whose size falls as the
-    sample's square root grows). The stride is prime to 2 and 3, so rows of power-of-two or 3·2**j columns are
-    sampled across all their columns."""
+def _sample(values: Values, density: float = 2.0) -> Values:
+    """A deterministic strided sample of about ``density·n**(2/3)`` scores (between 1024 and `_MAX_SAMPLE`),
+    which balances the sample's cost against collecting and ordering the band (whose size falls as the
+    sample's square root grows): 2 for the portable passes, whose band costs most; `NATIVE_DENSITY` for the
+    native ones, where fetching the strided sample from memory costs more than a wider band. The stride is
+    prime to 2 and 3, so rows of power-of-two or 3·2**j columns are sampled across all their columns."""
     n = len(values)
-    size = min(_MAX_SAMPLE, max(1024, round(2 * n ** (2 / 3))))
+    size = min(_MAX_SAMPLE, max(1024, round(density * n ** (2 / 3))))
     stride = max(1, n // size)
     while stride > 1 and (stride % 2 == 0 or stride % 3 == 0):
         stride -= 1
@@ -213,19 +225,18 @@ def _in_band(band: Values, rank: int, above_band: int) -> Threshold:
     return Threshold(value + 0.0, above_band + _count(band > value), _count(band == value))
 
 
-def kth_largest(scores: torch.Tensor, k: int, score_range: tuple[float, float] | None = None) -> Threshold:
-    """The k-th largest of 1-D float32 ``scores`` (``1 <= k <= n``), with the counts above and equal to it.
-    ``score_range``: ``(min, max)`` if already known (from `finite_range`); scores must be finite."""
-    values = _host_view(scores)
-    low, high = score_range if score_range is not None else finite_range(scores)
-    interval = _Interval(float_below(low), high, len(values), 0)
-    pool = _sample(values) if len(values) >= SAMPLE_FROM else values[:0]
+CountPass = Callable[[float, float], tuple[int, int, Values]]  # (lower, upper) -> G(lower), G(upper), band
+
+
+def search_threshold(count: CountPass, pool: Values, interval: _Interval, k: int) -> Threshold:
+    """The k-th largest score, given ``count`` (a counting pass, see `_count_pass`), a sample ``pool`` of the
+    scores (possibly empty) and an ``interval`` known to hold it (step 3 of the module docstring)."""
     widen, passes = 1.0, 0
     while interval.low != float_below(interval.high):
         if passes == _MAX_PASSES:
             pool = pool[:0]  # the whole interval becomes the band: this pass cannot miss
         lower, upper = _bracket(pool, interval, k, widen)
-        above_lower, above_upper, band = _count_pass(values, lower, upper)
+        above_lower, above_upper, band = count(lower, upper)
         if above_upper >= k:
             interval = _Interval(upper, interval.high, above_upper, interval.above_high)
         elif above_lower < k:
@@ -238,6 +249,16 @@ def kth_largest(scores: torch.Tensor, k: int, score_range: tuple[float, float] |
         widen, passes = widen * _WIDEN, passes + 1
     # a single float value is left in the interval
     return Threshold(interval.high + 0.0, interval.above_high, interval.above_low - interval.above_high)
+
+
+def kth_largest(scores: torch.Tensor, k: int, score_range: tuple[float, float] | None = None) -> Threshold:
+    """The k-th largest of 1-D float32 ``scores`` (``1 <= k <= n``), with the counts above and equal to it.
+    ``score_range``: ``(min, max)`` if already known (from `finite_range`); scores must be finite."""
+    values = _host_view(scores)
+    low, high = score_range if score_range is not None else finite_range(scores)
+    interval = _Interval(float_below(low), high, len(values), 0)
+    pool = _sample(values) if len(values) >= SAMPLE_FROM else values[:0]
+    return search_threshold(lambda lower, upper: _count_pass(values, lower, upper), pool, interval, k)
 
 
 def _fill_mask(values: Values, out: Values, value: float, cut: int) -> None:
@@ -272,6 +293,67 @@ def _check(scores: torch.Tensor, k: int, out: torch.Tensor | None) -> None:
         )
 
 
+def _native_mask(a: torch.Tensor, b: torch.Tensor | None, k: int, mask: torch.Tensor) -> torch.Tensor:
+    """`topk_mask` of the scores ``a`` (``a·b`` when ``b`` is given) through the native kernels.
+
+    No min/max reduction: the interval starts unbounded and every counting pass also checks for NaN and
+    infinity. Each counting pass also writes the mask ``s > upper``, exact outside its band; when the k-th
+    score lies in the last pass's band, only the band's positions are settled afterwards (the ties among
+    them in flat order), so the mask costs no pass of its own. When the last pass counted a block of ties
+    as its band (``upper`` is the k-th score), the first ``r`` ties are marked, reading up to the r-th. Otherwise
+    (the loop ran out of floats) a tie search and a mask pass follow. Tensors too small to sample take one
+    native call (`kernels.topk_small`)."""
+    av, bv, out = a.detach().numpy(), None if b is None else b.detach().numpy(), mask.numpy()
+    n, last = len(av), []
+
+    def count(lower: float, upper: float) -> tuple[int, int, np.ndarray]:
+        counts = kernels.count_band(av, bv, lower, upper, lower != float_below(upper), mask=out)
+        if counts.nonfinite:
+            raise NonFiniteScoresError("MGUP mask scores contain NaN or infinity (non-finite gradient?)")
+        last[:] = [(lower, upper, counts)]
+        return counts.above_upper + counts.inside, counts.above_upper, counts.band
+
+    if n == 0:
+        return mask
+    if k in (0, n):
+        if kernels.count_band(av, bv, 0.0, 0.0, collect=False).nonfinite:
+            raise NonFiniteScoresError("MGUP mask scores contain NaN or infinity (non-finite gradient?)")
+        return mask.fill_(k == n)
+    if n < SAMPLE_FROM:
+        if kernels.topk_small(av, bv, k, out):
+            raise NonFiniteScoresError("MGUP mask scores contain NaN or infinity (non-finite gradient?)")
+        return mask
+    pool = _sample(av, NATIVE_DENSITY)
+    pool = pool if bv is None else pool * _sample(bv, NATIVE_DENSITY)
+    threshold = search_threshold(count, pool, _Interval(-math.inf, math.inf, n, 0), k)
+    lower, upper, counts = last[0]
+    r = k - threshold.above
+    if lower < threshold.value <= upper and counts.inside and len(counts.where) == counts.inside:
+        kernels.settle_band(counts, threshold.value, r, out)
+        return mask
+    if upper == threshold.value:  # the mask holds s > T: the first r ties join it
+        kernels.mark_ties(av, bv, threshold.value, r, out)
+        return mask
+    cut = n if r == threshold.ties else kernels.locate_ties(av, bv, threshold.value, r)
+    kernels.fill_mask(av, bv, threshold.value, cut, out)
+    return mask
+
+
+def topk_mask_of_product(
+    direction: torch.Tensor, grad: torch.Tensor, k: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`topk_mask` of the float32 scores ``direction ⊙ grad`` (1-D float32 tensors of one length), computed
+    without writing the scores to memory when the native kernels can read the operands; otherwise the
+    product is formed and passed to `topk_mask`."""
+    if direction.shape != grad.shape:
+        raise ValueError(f"score factors differ in shape: {tuple(direction.shape)} and {tuple(grad.shape)}")
+    if not kernels.usable(direction, grad, out) or direction.dtype != torch.float32 or grad.dtype != torch.float32:
+        return topk_mask(torch.mul(direction.float(), grad.float()), k, out)
+    _check(direction, k, out)
+    mask = torch.empty(direction.numel(), dtype=torch.bool) if out is None else out
+    return _native_mask(direction, grad, k, mask)
+
+
 def topk_mask(scores: torch.Tensor, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Bool mask of the ``k`` largest entries of 1-D float32 ``scores``; ties go to the lowest indices.
 
@@ -284,6 +366,8 @@ def topk_mask(scores: torch.Tensor, k: int, out: torch.Tensor | None = None) -> 
     scores = scores.detach().contiguous()
     n = scores.numel()
     mask = torch.empty(n, dtype=torch.bool, device=scores.device) if out is None else out
+    if kernels.usable(scores, mask):
+        return _native_mask(scores, None, k, mask)
     if n == 0:
         return mask
     score_range = finite_range(scores)

@@ -28,6 +28,9 @@ class Distributor(Protocol):
     `any_rank` ORs a 0-d flag over the ranks sharing the tensors (collective where they are sharded).
     An optional ``lockstep`` attribute (default True) set False lets the optimizer run the tensors' rules one
     at a time instead of in batched rounds (`mgup_dist.rules.driver.run_rules`): only for a single process.
+    An optional ``known_finite()`` method returning True lets the non-finite guard skip its check for the current
+    step (`mgup_dist.optim.nonfinite`): only when the engine has established, identically on every rank, that
+    none of the gradients handed to the optimizer holds NaN/inf.
     """
 
     ops: TensorOps

@@ -15,10 +15,17 @@ gradients), and then, with policy
 ``skipped_steps`` is a per-process counter of this session; it is not part of the optimizer's ``state_dict``
 (the launcher persists it in its trainer state).
 
+A distributor may offer ``known_finite()``: True when its engine has already established, for this step,
+identically on every rank and for every gradient the optimizer is handed, that none holds NaN/inf. The guard
+then neither scans nor communicates (the check could only have returned False); when it returns False the
+guard runs as above.
+
 Scope: the guard covers one ``step()`` call. DeepSpeed ZeRO-1/2 calls ``step()`` once per param group (ZeRO-3
-once per sub-group), so there each group is guarded and counted on its own (DeepSpeed itself skips the whole
-step on a non-finite gradient norm, except in bf16). MARS exact mode's ``update_previous_grad`` runs outside
-``step()`` and is not guarded.
+once per sub-group), so there each group is guarded and counted on its own. DeepSpeed itself skips the whole
+step on a non-finite gradient norm, except in bf16 without ``check_grad_overflow``; at ZeRO-1/2 our adapter
+passes DeepSpeed's finite, all-reduced norm on as ``known_finite`` (`mgup_dist.integrations.deepspeed`), so
+there the guard acts only when DeepSpeed's norm did not vouch for the step. MARS exact mode's
+``update_previous_grad`` runs outside ``step()`` and is not guarded.
 """
 from __future__ import annotations
 
@@ -110,7 +117,11 @@ class NonFiniteGuard:
         self, optimizer: torch.optim.Optimizer, slots: Sequence[tuple[dict[str, Any], Slot]], distributor: Any
     ) -> bool:
         """True when the step must be skipped (some rank holds a non-finite gradient and the policy is
-        ``"skip"``); raises `NonFiniteGradientError` under ``"raise"``. Collective over ``distributor``'s ranks."""
+        ``"skip"``); raises `NonFiniteGradientError` under ``"raise"``. Collective over ``distributor``'s ranks,
+        unless its ``known_finite()`` vouches for the step (see the module docstring)."""
+        known_finite = getattr(distributor, "known_finite", None)
+        if known_finite is not None and known_finite():
+            return False
         flags = nonfinite_flags([slot.grad for _, slot in slots])
         if not distributor.any_rank(flags.any()):
             return False

@@ -69,7 +69,7 @@ def adamw(slot: Slot, hp: Mapping[str, Any], betas_key: str = "betas", eps_key: 
 def mgup_adamw(slot: Slot, hp: Mapping[str, Any]) -> Rule:
     """MGUP-AdamW (§2.3): the top ``mask_ratio`` of ``u ⊙ g`` scaled by α, the rest by γ."""
     _, direction, step_size = _adam_moments_and_direction(slot, hp, hp["betas"], hp["eps"])
-    _, selected = yield from mgup_selection(direction, slot.grad, slot.segment, hp, slot.scratch)
+    selected = yield from mgup_selection(direction, slot.grad, slot.segment, hp, slot.scratch)
     masked_step(slot.param, direction, selected, hp["alpha"], hp["gamma"], step_size)
 
 

@@ -19,7 +19,7 @@ def lion(slot: Slot, hp: Mapping[str, Any], masked: bool = False) -> Rule:
     direction = torch.mul(exp_avg, beta1, out=slot.scratch("direction", exp_avg.dtype))
     direction.add_(grad, alpha=1 - beta1).sign_()
     if masked:
-        _, selected = yield from mgup_selection(direction, grad, slot.segment, hp, slot.scratch)
+        selected = yield from mgup_selection(direction, grad, slot.segment, hp, slot.scratch)
         masked_step(slot.param, direction, selected, hp["alpha"], hp["gamma"], hp["lr"])
     else:
         slot.param.add_(direction, alpha=-hp["lr"])

@@ -12,16 +12,10 @@ from typing import Any, Callable, Generator, Mapping
 
 import torch
 
-from mgup_dist.rules.requests import Request, TensorSum, TopKMask
+from mgup_dist.native import kernels
+from mgup_dist.rules.requests import Request, ScoreProduct, TensorSum, TopKMask
 from mgup_dist.rules.slot import Slot
 from mgup_dist.shard.segment import Segment
-
-
-def alignment_scores(direction: torch.Tensor, grad: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``s = direction ⊙ grad`` in float32 (the MGUP score), written into ``out`` (float32, same size) if given."""
-    if direction.dtype == torch.float32 and grad.dtype == torch.float32:
-        return torch.mul(direction, grad, out=out)
-    return torch.mul(direction.float(), grad.float(), out=out)
 
 
 def alignment(direction: torch.Tensor, grad: torch.Tensor, slot: Slot | None = None) -> torch.Tensor:
@@ -102,12 +96,17 @@ def masked_step(
     param: torch.Tensor, direction: torch.Tensor, selected: torch.Tensor, high: float, low: float, step_size: float
 ) -> None:
     """``param ← param − step_size·(direction ⊙ Φ)``, Φ = `sign_factors` (``selected``, ``high``, ``low``) in
-    ``direction``'s dtype, leaving ``direction ⊙ Φ`` in ``direction`` (1-D tensors of one length).
+    ``direction``'s dtype (1-D tensors of one length); ``direction``'s contents afterwards are unspecified.
 
-    Bit for bit ``param.add_(direction.mul_(sign_factors(...)), alpha=-step_size)``, but on CPU block by block
-    with Φ in a block-sized buffer: Φ never goes to memory and the product is read back from cache.
+    Bit for bit ``param.add_(direction.mul_(sign_factors(...)), alpha=-step_size)`` (on CPUs with FMA, which
+    torch's ``add_`` uses there). Float32 CPU tensors go through one native loop
+    (`mgup_dist.native.kernels.masked_update`); otherwise, on CPU, block by block with Φ in a block-sized
+    buffer, so Φ never goes to memory and the product is read back from cache.
     """
     values = _factors(high, low, direction.dtype)
+    if param.dtype == direction.dtype == torch.float32 and kernels.usable(param, direction, selected):
+        kernels.masked_update(param.numpy(), direction.numpy(), selected.numpy(), values.high, values.low, -step_size)
+        return
     size = _block_size(direction)
     buffer = torch.empty(min(size, direction.numel()), dtype=direction.dtype, device=direction.device)
     for block, update, chosen in zip(param.split(size), direction.split(size), selected.split(size)):
@@ -118,14 +117,14 @@ def masked_step(
 def mgup_selection(
     direction: torch.Tensor, grad: torch.Tensor, segment: Segment, hp: Mapping[str, Any],
     scratch: Callable[[str, torch.dtype], torch.Tensor] | None = None,
-) -> Generator[Request, Any, tuple[torch.Tensor, torch.Tensor]]:
-    """The float32 scores ``direction ⊙ grad`` and MGUP's selection: bool, True on their exact top-k (``k =
-    mask_k(mask_ratio, numel)``) over the whole tensor. ``scratch`` (a `Slot.scratch`) supplies the
-    ``"scores"`` and the ``"mask"`` the selection may be written into; without it both are fresh tensors."""
+) -> Generator[Request, Any, torch.Tensor]:
+    """MGUP's selection: bool, True on the exact top-k (``k = mask_k(mask_ratio, numel)``) of the float32 scores
+    ``direction ⊙ grad`` over the whole tensor. The scores go out as a `ScoreProduct`, formed (if the ops need
+    them at all) in ``scratch``'s ``"scores"``; the selection may be written into its ``"mask"``. ``scratch``
+    is a `Slot.scratch`; without it both are fresh tensors."""
     k = mask_k(hp["mask_ratio"], segment.numel)
-    scores = alignment_scores(direction, grad, out=scratch("scores", torch.float32) if scratch else None)
-    selected = yield TopKMask(segment, scores, k, out=scratch("mask", torch.bool) if scratch else None)
-    return scores, selected
+    scores = ScoreProduct(direction, grad, buffer=scratch("scores", torch.float32) if scratch else None)
+    return (yield TopKMask(segment, scores, k, out=scratch("mask", torch.bool) if scratch else None))
 
 
 def mgup_factors(
@@ -134,10 +133,10 @@ def mgup_factors(
 ) -> Generator[Request, Any, torch.Tensor]:
     """MGUP_MASK: α on the exact top-k of ``direction ⊙ grad`` over the whole tensor, γ elsewhere (see
     `mgup_selection`). Once the answer is back the scores are dead, so for a float32 ``direction`` the factors
-    overwrite their buffer: the mask costs one float tensor of the segment's size beside the bool selection."""
-    scores, selected = yield from mgup_selection(direction, grad, segment, hp, scratch)
-    reuse = scores if direction.dtype == torch.float32 else scratch("factors", direction.dtype) if scratch else None
-    return sign_factors(selected, hp["alpha"], hp["gamma"], direction.dtype, out=reuse)
+    go into their buffer: the mask costs one float tensor of the segment's size beside the bool selection."""
+    selected = yield from mgup_selection(direction, grad, segment, hp, scratch)
+    name = "scores" if direction.dtype == torch.float32 else "factors"
+    return sign_factors(selected, hp["alpha"], hp["gamma"], direction.dtype, out=scratch(name, direction.dtype) if scratch else None)
 
 
 def dynamic_alpha(aligned: torch.Tensor, slot: Slot, hp: Mapping[str, Any]) -> Generator[Request, Any, float]:

@@ -12,31 +12,25 @@ def newton_schulz(matrix: torch.Tensor, steps: int = 5, dtype: torch.dtype = tor
     """NS5 of a 2-D ``(r, c)`` matrix, computed in ``dtype``; returns a contiguous ``(r, c)`` tensor in ``dtype``.
 
     Iterates on the wide orientation (transposing when ``r > c``) after normalising by the Frobenius norm,
-    with ``B = b*A + c*(A @ A)`` and ``X = a*X + B @ X`` exactly as the spec writes them.
+    with ``B = b*A + c*(A @ A)`` and ``X = a*X + B @ X`` exactly as the spec writes them (each product and sum
+    rounded to ``dtype``; computed in place, and a sum's operands swapped, which changes no bit).
+
+    The wide orientation is iterated on as a contiguous copy, taken after the norm (whose float32 summation
+    order follows the input's memory layout): a tall matrix's transposed view would make ``a*X`` read across
+    rows (~8% slower per matrix on CPU), and the matmuls then see the same layout whatever the input's, so
+    ``newton_schulz(m.T).T`` equals ``newton_schulz(m)`` bitwise. Against iterating on the view, bf16 results
+    are bitwise the same on x86 CPUs (checked over many shapes); float32 ones can differ in the last bits, as
+    the BLAS sums some shapes in a layout-dependent order.
     """
     if matrix.ndim != 2:
         raise ValueError(f"newton_schulz takes a 2-D matrix, got shape {tuple(matrix.shape)}")
     a, b, c = NS_COEFFICIENTS
+    tall = matrix.shape[0] > matrix.shape[1]
     x = matrix.to(dtype)
-    tall = x.shape[0] > x.shape[1]
-    if tall:
-        x = x.T
-    x = x / (x.norm() + NS_EPS)
+    norm = x.norm()  # before the copy: a float32 norm's summation order follows the memory layout
+    x = (x.T if tall else x).contiguous() / (norm + NS_EPS)
     for _ in range(steps):
         gram = x @ x.T
-        poly = b * gram + c * (gram @ gram)
-        x = _scaled_add(a, x, poly @ x)
-    if tall:
-        x = x.T
-    return x.contiguous()
-
-
-def _scaled_add(a: float, x: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
-    """``a * x + update`` (``update`` contiguous), bitwise and in memory layout: when ``x`` is the transposed
-    view of a contiguous tensor (a tall matrix's wide orientation), eager ``a * x + update`` keeps ``x``'s
-    layout and reads ``update`` across its rows, several times slower on CPU than transposing ``update`` in one
-    blocked copy and adding contiguously. The same two roundings happen either way, and the result has the
-    layout the next ``@`` expects, so the matmuls, too, see exactly what they saw before."""
-    if x.T.is_contiguous() and not x.is_contiguous():
-        return (a * x.T + update.T.contiguous()).T
-    return a * x + update
+        poly = (gram @ gram).mul_(c).add_(gram.mul_(b))  # b*A + c*(A@A): same roundings, in place
+        x = (poly @ x).add_(x.mul_(a))  # a*X + B@X
+    return x.T.contiguous() if tall else x.contiguous()

@@ -29,11 +29,30 @@ class TensorSum:
     value: torch.Tensor
 
 
+@dataclass(frozen=True)
+class ScoreProduct:
+    """Scores given by their factors: ``direction ⊙ grad`` rounded once to float32 (1-D tensors of one length,
+    any float dtypes, converted to float32 first). Implementations that can read the factors (the native CPU
+    selection) never write the scores; the rest call `TopKMask.score_tensor`, which forms them in ``buffer``
+    (a float32 tensor of the factors' length) when given."""
+
+    direction: torch.Tensor
+    grad: torch.Tensor
+    buffer: torch.Tensor | None = None
+
+    def materialize(self) -> torch.Tensor:
+        """The float32 scores (in ``buffer`` when given)."""
+        if self.direction.dtype == torch.float32 and self.grad.dtype == torch.float32:
+            return torch.mul(self.direction, self.grad, out=self.buffer)
+        return torch.mul(self.direction.float(), self.grad.float(), out=self.buffer)
+
+
 @dataclass
 class TopKMask:
     """Membership of each local element in the tensor's top-k scores.
 
-    ``scores``: 1-D ``torch.float32`` local segment (``segment.length`` elements); ``-0.0`` ties with ``+0.0``.
+    ``scores``: 1-D ``torch.float32`` local segment (``segment.length`` elements), or a `ScoreProduct` of two
+    such segments; ``-0.0`` ties with ``+0.0``.
     ``k``: ``0 <= k <= segment.numel``.
     ``out``: optional 1-D ``torch.bool`` tensor of the same length that the answer may be written into (an
     implementation may return a fresh tensor instead); the asker must not read it otherwise.
@@ -43,9 +62,15 @@ class TopKMask:
     """
 
     segment: Segment
-    scores: torch.Tensor
+    scores: torch.Tensor | ScoreProduct
     k: int
     out: torch.Tensor | None = None
+
+    def score_tensor(self) -> torch.Tensor:
+        """The scores as a float32 tensor, forming a `ScoreProduct` (once; ``scores`` then holds the result)."""
+        if isinstance(self.scores, ScoreProduct):
+            self.scores = self.scores.materialize()
+        return self.scores
 
 
 @dataclass

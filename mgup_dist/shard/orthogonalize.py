@@ -143,6 +143,8 @@ class DistributedOrthogonalizer:
     Gram mode; ``None`` gathers every matrix. Counters: ``ns_calls`` (whole-matrix `newton_schulz` runs on
     this rank), ``sharded_calls`` (sharded matrices this rank iterated on), ``last_owners`` (per request of
     the latest call: the computing rank in gathered mode, ``None`` for sharded or empty matrices).
+    ``layout``: every rank's segments (`_exchange_metadata`); with it, each distinct round (the requests'
+    segments, shapes, steps and dtypes) is planned and checked once, and its plan reused.
     """
 
     def __init__(
@@ -158,6 +160,7 @@ class DistributedOrthogonalizer:
         self.ns_calls = 0
         self.sharded_calls = 0
         self.last_owners: list[int | None] = []
+        self._plans: dict[tuple, tuple[list[tuple], list[int | None]]] = {}
 
     def __call__(self, requests: Sequence[Orthogonalize]) -> list[torch.Tensor]:
         requests = list(requests)
@@ -166,7 +169,7 @@ class DistributedOrthogonalizer:
         self.last_owners = [None] * len(requests)
         if not requests:
             return answers
-        jobs = self._plan(requests, self._exchange_metadata(requests))
+        jobs = self._jobs(requests)
         blocks: dict[int, torch.Tensor] = {}
         for group in self._dtype_groups(jobs):
             blocks.update(self._to_regions(group))
@@ -175,6 +178,20 @@ class DistributedOrthogonalizer:
             for position, answer in self._from_regions(group, results).items():
                 answers[position] = answer
         return answers
+
+    def _jobs(self, requests: list[Orthogonalize]) -> list[_Job]:
+        """The round's checked plan. With a ``layout`` it depends only on each request's segment and matrix
+        settings, so it is made once per distinct round and reused (with this round's requests)."""
+        if self.layout is None:
+            return self._plan(requests, self._exchange_metadata(requests))
+        key = tuple((r.segment, r.rows, r.cols, r.steps, r.dtype) for r in requests)
+        cached = self._plans.get(key)
+        if cached is None:
+            jobs = self._plan(requests, self._exchange_metadata(requests))
+            self._plans[key] = cached = ([(j.position, j.spans, j.targets, j.holder, j.sharded) for j in jobs],
+                                         self.last_owners)
+        plan, self.last_owners = cached[0], list(cached[1])
+        return [_Job(position, requests[position], *rest) for position, *rest in plan]
 
     def _exchange_metadata(self, requests: list[Orthogonalize]) -> torch.Tensor:
         """``(world, n, 8)`` int64 table of every rank's ``(lo, hi, c0, c1, rows, cols, steps, dtype)``; checked.

@@ -309,7 +309,10 @@ def topk_masks(comm: Collectives, requests: Sequence[TopKMask]) -> list[torch.Te
 
     A rank holding a request's tensor whole answers it with the local `topk_mask`; the others take part in
     the radix passes of the split tensors. Request lists that differ between ranks desynchronise the group.
+    Scores given as a `ScoreProduct` are formed first (`TopKMask.score_tensor`).
     """
+    for request in requests:
+        request.score_tensor()
     _check(requests)
     if not requests:
         return []

@@ -24,6 +24,7 @@ bit for bit.
 """
 from __future__ import annotations
 
+import os
 import tempfile
 from typing import Any
 
@@ -34,7 +35,16 @@ import mgup_dist
 import mgup_dist.deepspeed
 from tests.distributed import run_distributed
 from tests.integrations.deepspeed_harness import (
-    CONFIG_DIR, Reference, Run, is_bf16, load, make_model, train_deepspeed, train_reference,
+    CONFIG_DIR,
+    RUN_OVERRIDES,
+    Reference,
+    Run,
+    batches,
+    is_bf16,
+    load,
+    make_model,
+    train_deepspeed,
+    train_reference,
 )
 
 WORLD = 2
@@ -169,3 +179,38 @@ def test_parameters_tagged_for_deepspeed_muon_are_rejected() -> None:
     model.blocks[0].qkv.weight.use_muon = True
     with pytest.raises(ValueError, match="use_muon attribute"):
         mgup_dist.deepspeed.initialize(model=model, config=load("zero2_mgup_muon_fp32.json"))
+
+
+def _guard_worker(rank: int, world_size: int, configs: list[dict[str, Any]]) -> list[list[tuple[int, int, bool]]]:
+    return [_guard_steps(rank, world_size, config) for config in configs]
+
+
+def _guard_steps(rank: int, world_size: int, config: dict[str, Any]) -> list[tuple[int, int, bool]]:
+    """A finite step, then a step whose loss (so every gradient) is NaN. Per step: the all-reduces our
+    `Collectives` made, the optimizer's ``skipped_steps`` after it, and whether the parameters stayed unchanged."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    engine = mgup_dist.deepspeed.initialize(model=make_model(), config={**config, **RUN_OVERRIDES})[0]
+    optimizer = engine.optimizer.optimizer
+    comm = optimizer.distributor.ops.comm
+    out = []
+    for step, scale in enumerate((1.0, float("nan"))):
+        before = [p.detach().clone() for p in engine.module.parameters()]
+        comm.reset_stats()
+        engine.backward(engine(batches(world_size)[step][rank]) * scale)
+        engine.step()
+        unchanged = all(torch.equal(a, p) for a, p in zip(before, engine.module.parameters()))
+        out.append((comm.stats["all_reduce"].calls, optimizer.skipped_steps, unchanged))
+    return out
+
+
+def test_zero2_guard_trusts_deepspeeds_finite_norm_and_checks_otherwise() -> None:
+    """At ZeRO-2 DeepSpeed all-reduces the gradient norm before our ``step()``: a finite norm vouches for every
+    gradient, so our non-finite guard adds no all-reduce. A NaN step in fp32 is skipped by DeepSpeed itself
+    (our optimizer never runs); in bf16 with ``check_grad_overflow`` off DeepSpeed goes on, and our guard
+    checks and skips it, once per param group (DeepSpeed calls ``step()`` per group)."""
+    optimizer = {"type": "mgup_dist.Muon", "params": {"lr": 0.002, "weight_decay": 0.1}}
+    fp32 = {**load("zero2_mgup_muon_fp32.json"), "optimizer": optimizer, "gradient_clipping": 0.0}
+    bf16 = {**fp32, "bf16": {"enabled": True, "check_grad_overflow": False}}
+    for rank, per_config in enumerate(run_distributed(WORLD, _guard_worker, [fp32, bf16])):
+        assert per_config[0] == [(0, 0, False), (0, 0, True)], f"fp32, rank {rank}: {per_config[0]}"
+        assert per_config[1] == [(0, 0, False), (2, 2, True)], f"bf16, rank {rank}: {per_config[1]}"

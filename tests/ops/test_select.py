@@ -4,6 +4,9 @@ The oracle orders flat indices by (score descending, index ascending) with numpy
 (``-0.0`` and ``+0.0`` compare equal there too) and marks the first k. Inputs cover continuous scores, many
 zeros of both signs, heavy duplicates, constant tensors, extremes and subnormals, sorted and reversed data,
 periodic spikes aimed at a strided sample, and samples that are deliberately wrong.
+
+This module tests the portable numpy/torch passes (native kernels off); `tests/ops/test_select_native.py`
+runs the same oracle against the native path.
 """
 from __future__ import annotations
 
@@ -15,7 +18,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mgup_dist.ops import select, threads
+from mgup_dist.native import threads
+from mgup_dist.ops import select
 from mgup_dist.ops.select import float_below, kth_largest, locate_ties, topk_mask
 from mgup_dist.rules.masks import mask_k
 from mgup_dist.rules.requests import NonFiniteScoresError
@@ -26,6 +30,11 @@ DISTRIBUTIONS = (
     "normal", "products", "zeros", "signed_zeros", "few", "equal", "sorted", "reversed", "extremes",
     "spikes", "one_extreme", "block",
 )
+
+
+@pytest.fixture(autouse=True)
+def portable_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MGUP_DIST_NATIVE", "0")
 
 
 def oracle_mask(scores: torch.Tensor, k: int) -> torch.Tensor:

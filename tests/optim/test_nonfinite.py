@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mgup_dist.optim import OPTIMIZERS, build_optimizer
+from mgup_dist.optim.distributor import LocalDistributor
 from mgup_dist.optim.nonfinite import NonFiniteGradientError, nonfinite_flags
 
 SHAPES = ((5, 9), (7,), (4, 3))
@@ -126,3 +127,31 @@ def test_flags_find_every_nan_and_infinity(dtype: torch.dtype) -> None:
     clean = torch.tensor([finfo.max, finfo.min, finfo.tiny, -0.0], dtype=dtype)
     assert nonfinite_flags([clean, torch.zeros(0, dtype=dtype), torch.ones(3, dtype=dtype)]).tolist() == [False] * 3
     assert nonfinite_flags([]).tolist() == []
+
+
+class _Vouching(LocalDistributor):
+    """A distributor whose engine vouches (``known_finite``) or not for the step; counts ``any_rank`` calls."""
+
+    def __init__(self, vouches: bool) -> None:
+        super().__init__()
+        self.vouches = vouches
+        self.checks = 0
+
+    def known_finite(self) -> bool:
+        return self.vouches
+
+    def any_rank(self, flag: torch.Tensor) -> bool:
+        self.checks += 1
+        return super().any_rank(flag)
+
+
+@pytest.mark.parametrize("vouches", [True, False])
+def test_distributor_vouching_for_the_step_replaces_the_check(vouches: bool) -> None:
+    """``known_finite()`` True: no scan, no ``any_rank`` (so even a NaN the engine missed is stepped with);
+    False: the usual check, which skips the NaN step."""
+    run = Run("adamw")
+    run.optimizer.distributor = distributor = _Vouching(vouches)
+    run.step(_bad(0, float("nan")))
+    assert distributor.checks == (0 if vouches else 1)
+    assert run.optimizer.skipped_steps == (0 if vouches else 1)
+    assert bool(torch.isnan(run.params[1]).any()) == vouches

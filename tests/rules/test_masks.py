@@ -5,6 +5,7 @@ import torch
 
 from mgup_dist.ops.local import LocalOps
 from mgup_dist.rules import masks
+from mgup_dist.native import threads
 from mgup_dist.rules.masks import dynamic_alpha, mgup_factors
 from mgup_dist.rules.requests import NonFiniteScoresError
 from mgup_dist.rules.slot import Slot
@@ -135,20 +136,26 @@ def test_sign_factors_are_where_bit_for_bit(dtype: torch.dtype, monkeypatch: pyt
                 assert torch.equal(got.view(as_bits), expected.view(as_bits)), (high, low)
 
 
+@pytest.mark.parametrize("native", ["0", "1"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_masked_step_is_the_unfused_update_bit_for_bit(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``masked_step`` (blocks of 7 here, the last one partial) leaves exactly ``param.add_(direction.mul_(Φ),
-    alpha=-step_size)`` in ``param`` and ``direction ⊙ Φ`` in ``direction``, for clamped and ``where`` factors."""
-    monkeypatch.setattr(masks, "_CPU_BLOCK", 7)
+@pytest.mark.parametrize("n", [31, 600_001])
+def test_masked_step_is_the_unfused_update_bit_for_bit(
+    dtype: torch.dtype, native: str, n: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``masked_step`` leaves exactly ``param.add_(direction.mul_(Φ), alpha=-step_size)`` in ``param``, for
+    clamped and ``where`` factors: through the native kernel (float32 with ``MGUP_DIST_NATIVE=1``, split over
+    3 threads at 600,001 elements) and the portable blocks (7 elements here, the last one partial)."""
+    monkeypatch.setenv("MGUP_DIST_NATIVE", native)
+    monkeypatch.setattr(masks, "_CPU_BLOCK", 7 if n < 100 else 4096)
+    monkeypatch.setattr(threads, "workers", lambda: 3)
     gen = torch.Generator().manual_seed(5)
-    selected = torch.rand(31, generator=gen) < 0.4
-    param, direction = (torch.randn(31, generator=gen).to(dtype) for _ in range(2))
+    selected = torch.rand(n, generator=gen) < 0.4
+    param, direction = (torch.randn(n, generator=gen).to(dtype) for _ in range(2))
     for high, low in ((2.0, 0.1), (1 / 3, 3.0), (0.0, -0.0), (2.0**100, 0.5)):
-        expected_param, expected_direction = param.clone(), direction.clone()
-        expected_param.add_(expected_direction.mul_(torch.where(
+        expected = param.clone()
+        expected.add_(direction.clone().mul_(torch.where(
             selected, torch.tensor(high, dtype=dtype), torch.tensor(low, dtype=dtype))), alpha=-0.37)
-        got_param, got_direction = param.clone(), direction.clone()
-        masks.masked_step(got_param, got_direction, selected, high, low, 0.37)
+        got = param.clone()
+        masks.masked_step(got, direction.clone(), selected, high, low, 0.37)
         bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
-        for got, expected in ((got_param, expected_param), (got_direction, expected_direction)):
-            assert torch.equal(got.view(bits), expected.view(bits)), (high, low)
+        assert torch.equal(got.view(bits), expected.view(bits)), (high, low)

@@ -80,6 +80,15 @@ def test_transpose_equivariance(dtype, tolerance: float) -> None:
     assert _rel(newton_schulz(g.T, 5, dtype).T, newton_schulz(g, 5, dtype)) <= tolerance
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(100, 7), (7, 100), (33, 17), (300, 129)])
+def test_transposed_input_gives_exactly_the_transposed_result(dtype, shape) -> None:
+    """``m`` and ``m.T`` have the same wide orientation and the same memory, so NS5 computes the same values
+    for both, bit for bit, whichever of them is tall."""
+    g = torch.randn(shape, dtype=torch.float32)
+    assert torch.equal(newton_schulz(g.T, 5, dtype), newton_schulz(g, 5, dtype).T.contiguous())
+
+
 def test_steps_argument_counts_iterations() -> None:
     g = torch.randn(4, 6, dtype=torch.float64)
     assert _rel(newton_schulz(g, 2, torch.float32), newton_schulz5(g, steps=2)) < 1e-5

@@ -11,6 +11,7 @@ import torch
 from mgup_dist.ops.local import LocalOps
 from mgup_dist.rules.requests import Orthogonalize
 from mgup_dist.shard.collectives import Collectives
+from mgup_dist.shard.layout import ShardLayout
 from mgup_dist.shard.orthogonalize import DistributedOrthogonalizer
 from mgup_dist.shard.segment import Segment
 from tests.distributed import run_distributed
@@ -104,6 +105,26 @@ def _run_case(rank: int, world: int, bounds: Bounds, matrices: list[torch.Tensor
     }
 
 
+def _run_with_layout(rank: int, world: int, bounds: Bounds, rounds: list[list[torch.Tensor]]) -> dict:
+    """One orthogonalizer given the layout, over several rounds of the same matrices (new values each round):
+    whether each round's answers are bitwise `LocalOps`', the owners of each round, and how often the metadata
+    table was built."""
+    layout = ShardLayout([shape for shape, _, _ in MATRICES], bounds)
+    ortho = DistributedOrthogonalizer(Collectives(), layout=layout)
+    built = []
+    exchange = ortho._exchange_metadata
+    ortho._exchange_metadata = lambda requests: built.append(1) or exchange(requests)
+    out: dict = {"bitwise": [], "owners": []}
+    for matrices in rounds:
+        whole = [(0, math.prod(shape)) for shape, _, _ in MATRICES]
+        reference = LocalOps().orthogonalize(_requests(matrices, whole))
+        answers = ortho(_requests(matrices, bounds[rank]))
+        out["bitwise"].append(all(torch.equal(a, r[lo:hi]) for a, r, (lo, hi) in zip(answers, reference, bounds[rank])))
+        out["owners"].append(list(ortho.last_owners))
+    out["built"] = len(built)
+    return out
+
+
 def _scenarios(rank: int, world: int, seed: int) -> dict:
     """Runs every layout on this rank; compares with `LocalOps` here (same process, same threads)."""
     matrices = _matrices(seed)
@@ -119,6 +140,7 @@ def _scenarios(rank: int, world: int, seed: int) -> dict:
         out[name] = _run_case(rank, world, bounds, matrices)
         pieces = zip(out[name]["answers"], reference, bounds[rank])
         out[name]["bitwise"] = [torch.equal(answer, ref[lo:hi]) for answer, ref, (lo, hi) in pieces]
+    out["planned"] = _run_with_layout(rank, world, layouts["random"], [matrices, _matrices(seed + 1)])
     out["sharded"] = _run_case(rank, world, layouts["random"], matrices, gather_max_numel=0)
     out["threshold"] = _run_case(rank, world, layouts["random"], matrices, gather_max_numel=50)
     return out
@@ -155,6 +177,17 @@ def test_each_matrix_computed_on_exactly_one_rank(world_results: tuple[int, list
     assert all(0 <= o < world for o in owners)
     assert [r[case]["ns_calls"] for r in results] == [owners.count(rank) for rank in range(world)]
     assert sum(r[case]["ns_calls"] for r in results) == len(MATRICES)
+
+
+def test_a_layout_plans_each_round_once_and_reuses_the_plan(world_results: tuple[int, list[dict]]) -> None:
+    """Given the layout, the second round of the same matrices (other values) reuses the first round's plan:
+    the same owners as without a layout, answers still bitwise `LocalOps`'."""
+    _, results = world_results
+    for rank, result in enumerate(results):
+        planned = result["planned"]
+        assert planned["bitwise"] == [True, True], rank
+        assert planned["owners"] == [result["random"]["owners"]] * 2, rank
+        assert planned["built"] == 1, rank
 
 
 def test_matrices_whole_on_a_rank_stay_there(world_results: tuple[int, list[dict]]) -> None:

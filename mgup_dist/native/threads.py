@@ -1,9 +1,10 @@
-"""Splitting a numpy pass over index ranges across threads (numpy releases the GIL inside its loops).
+"""Splitting a pass over index ranges across threads (numpy and the native kernels release the GIL).
 
-The selection passes of `mgup_dist.ops.select` run on numpy views of CPU tensors, which use one thread where
-torch would use ``torch.get_num_threads()``. `map_ranges` gives them the same parallelism: consecutive ranges
-of `RANGE` elements go to a thread pool of that many workers, and the results come back in range order, so a
-caller that combines them in order gets exactly the single-threaded result.
+The portable selection passes of `mgup_dist.ops.select` run on numpy views of CPU tensors, which use one thread
+where torch would use ``torch.get_num_threads()``. `map_ranges` gives them the same parallelism: ranges go to
+a thread pool of that many workers, and the results come back in range order, so a caller that combines them
+in order gets exactly the single-threaded result. `parts` sizes the ranges of the native kernels, which run
+them on torch's OpenMP team instead.
 """
 from __future__ import annotations
 
@@ -36,12 +37,22 @@ def _executor(count: int) -> ThreadPoolExecutor:
     return _pool[2]
 
 
+def _run(fn: Callable[[int, int], T], bounds: list[tuple[int, int]]) -> list[T]:
+    if len(bounds) == 1:
+        return [fn(*bounds[0])]
+    return list(_executor(workers()).map(lambda bound: fn(*bound), bounds))
+
+
 def map_ranges(fn: Callable[[int, int], T], numel: int) -> list[T]:
     """``[fn(lo, hi) for consecutive ranges [lo, hi) covering [0, numel)]``, in order: one range ``[0, numel)``
     when `workers` is 1 or ``numel <= RANGE``, else ranges of `RANGE` elements run on `workers` threads.
     ``fn`` must be safe to run concurrently on disjoint ranges."""
-    count = workers()
-    if count < 2 or numel <= RANGE:
+    if workers() < 2 or numel <= RANGE:
         return [fn(0, numel)]
-    starts = range(0, numel, RANGE)
-    return list(_executor(count).map(lambda lo: fn(lo, min(lo + RANGE, numel)), starts))
+    return _run(fn, [(lo, min(lo + RANGE, numel)) for lo in range(0, numel, RANGE)])
+
+
+def parts(numel: int) -> int:
+    """How many consecutive near-equal ranges a single-call pass over ``numel`` elements splits into (one per
+    worker, each at least `RANGE` elements): the native kernels run them on torch's own OpenMP team."""
+    return max(1, min(workers(), numel // RANGE))

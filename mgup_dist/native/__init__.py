@@ -1,0 +1,134 @@
+"""Native CPU kernels (`select_kernels.c`) for MGUP's selection, built with the system C compiler on first use.
+
+`library()` returns the loaded `ctypes.CDLL`, or None when the kernels are unavailable; callers then take the
+portable numpy/torch path, which gives bit-identical masks. The build runs once per machine and source version:
+``$CC`` (default ``cc``) compiles the file with ``-O3 -ffp-contract=off`` (no FMA contraction, so an element's
+arithmetic never depends on its position) and ``-fopenmp`` (torch is imported first, so the library binds to
+the libgomp torch loaded and its parallel passes run on torch's intra-op thread team), plus ``-mavx2 -mfma`` on x86 CPUs where torch dispatches to AVX2 or
+AVX-512 (`isa_flags`), into ``<cache>/mgup_dist/native-<hash>/``, where ``<cache>`` is
+``$MGUP_DIST_CACHE``, else ``$XDG_CACHE_HOME``, else ``~/.cache``, and ``<hash>`` covers the source, the flags,
+the compiler and the machine type. Each process compiles into a private temporary file and renames it into
+place, so concurrent ranks or test workers never load a half-written library.
+
+``MGUP_DIST_NATIVE``: ``auto`` (the default: use the kernels when they build, else log one warning and fall
+back), ``0`` (never use them), ``1`` (require them: `NativeUnavailableError` when they cannot be built).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("mgup_dist.native")
+
+SOURCE = Path(__file__).with_name("select_kernels.c")
+FLAGS = ("-O3", "-fPIC", "-shared", "-std=c11", "-ffp-contract=off", "-fopenmp")
+MODES = ("auto", "0", "1")
+
+_i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+SIGNATURES = {
+    "mgup_count_band": (None, [_ptr, _ptr, _i64, _f32, _f32, _ptr, _ptr, _i64, _ptr, _ptr, _i64]),
+    "mgup_fill_mask": (None, [_ptr, _ptr, _i64, _f32, _i64, _ptr, _i64]),
+    "mgup_locate_ties": (_i64, [_ptr, _ptr, _i64, _f32, _i64, _ptr]),
+    "mgup_mark_ties": (_i64, [_ptr, _ptr, _i64, _f32, _i64, _ptr]),
+    "mgup_masked_update": (None, [_ptr, _ptr, _ptr, _i64, _f32, _f32, _f32, _i64]),
+    "mgup_order_statistic": (_f32, [_ptr, _i64, _i64]),
+    "mgup_topk_small": (_i64, [_ptr, _ptr, _i64, _i64, _ptr, _ptr]),
+    "mgup_settle_band": (None, [_ptr, _ptr, _i64, _f32, _i64, _ptr]),
+}
+
+
+class NativeUnavailableError(RuntimeError):
+    """``MGUP_DIST_NATIVE=1`` but the native kernels could not be built or loaded."""
+
+
+def mode() -> str:
+    """The ``MGUP_DIST_NATIVE`` setting; `ValueError` for anything but ``auto``, ``0`` or ``1``."""
+    value = os.environ.get("MGUP_DIST_NATIVE", "auto").strip().lower()
+    if value not in MODES:
+        raise ValueError(f"MGUP_DIST_NATIVE={value!r}: expected one of {', '.join(MODES)}")
+    return value
+
+
+def cache_dir() -> Path:
+    """Where built libraries live (see the module docstring)."""
+    root = os.environ.get("MGUP_DIST_CACHE") or os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "mgup_dist"
+
+
+def isa_flags() -> tuple[str, ...]:
+    """Instruction-set flags for this CPU: AVX2 and FMA where torch uses them, none elsewhere."""
+    if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        return ("-mavx2", "-mfma")
+    return ()
+
+
+def _compiler() -> str:
+    compiler = os.environ.get("CC", "cc")
+    found = shutil.which(compiler)
+    if found is None:
+        raise NativeUnavailableError(f"no C compiler: {compiler!r} is not on PATH (set CC to one)")
+    return found
+
+
+def build(target_dir: Path | None = None) -> Path:
+    """Compile `SOURCE` (unless already built) and return the library's path. `NativeUnavailableError` when
+    the compiler is missing or fails (its output is in the message)."""
+    compiler = _compiler()
+    flags = (*FLAGS, *isa_flags())
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), compiler.encode(), platform.machine().encode()]))
+    directory = (target_dir or cache_dir()) / f"native-{key.hexdigest()[:16]}"
+    library = directory / "libmgup_select.so"
+    if library.exists():
+        return library
+    directory.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".build-", suffix=".so")
+    os.close(handle)
+    try:
+        result = subprocess.run(
+            [compiler, *flags, "-o", temporary, str(SOURCE), "-lm"], capture_output=True, text=True, check=False
+        )
+        if result.returncode != 0:
+            raise NativeUnavailableError(f"{compiler} failed to build {SOURCE.name}:\n{result.stderr.strip()}")
+        os.replace(temporary, library)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    return library
+
+
+def load(path: Path) -> ctypes.CDLL:
+    """Open the built library and declare its functions' C signatures."""
+    lib = ctypes.CDLL(str(path))
+    for name, (result, arguments) in SIGNATURES.items():
+        function = getattr(lib, name)
+        function.restype, function.argtypes = result, arguments
+    return lib
+
+
+@lru_cache(maxsize=None)
+def _cached(setting: str) -> ctypes.CDLL | None:
+    if setting == "0":
+        return None
+    try:
+        return load(build())
+    except (NativeUnavailableError, OSError) as error:
+        if setting == "1":
+            raise NativeUnavailableError(f"MGUP_DIST_NATIVE=1 but the native kernels are unavailable: {error}") from error
+        logger.warning("native MGUP selection kernels unavailable, using the numpy path (slower): %s", error)
+        return None
+
+
+def library() -> ctypes.CDLL | None:
+    """The native kernels, or None (see the module docstring); built and loaded once per process and setting."""
+    return _cached(mode())

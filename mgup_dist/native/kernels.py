@@ -1,0 +1,131 @@
+"""Python side of the native selection kernels: ranges split over threads, results combined in index order.
+
+Arrays are 1-D C-contiguous numpy views of CPU tensors: scores ``a`` (float32), with ``b`` (float32, same length)
+when the scores are the products ``a·b`` (see `mgup_dist.rules.requests.ScoreProduct`), masks bool. Callers
+check dtypes and lengths; these functions only require `mgup_dist.native.library()` to be loaded. Passes
+over whole tensors split into `mgup_dist.native.threads.parts` ranges that torch's OpenMP team runs; results
+never depend on the thread count.
+"""
+from __future__ import annotations
+
+import ctypes
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from mgup_dist.native import library
+from mgup_dist.native.threads import parts
+
+FLOAT = 4  # bytes per float32
+_BAND_SHARE = 16  # a range's band buffer starts at 1/16 of its length plus _BAND_MIN (grown when that overflows)
+_BAND_MIN = 1024
+
+
+class Counts(NamedTuple):
+    """One counting pass: ``above_upper`` scores > upper, ``band`` the scores in ``(lower, upper]`` (in index
+    order; empty when not collected) and ``where`` their flat positions (int64; empty unless a mask was asked
+    for), ``inside`` how many there are, ``nonfinite`` NaN or infinite scores."""
+
+    above_upper: int
+    inside: int
+    nonfinite: int
+    band: np.ndarray
+    where: np.ndarray
+
+
+_DTYPES = (torch.float32, torch.bool)
+
+
+def usable(*tensors: torch.Tensor | None) -> bool:
+    """Whether the kernels can read these tensors: loaded, and each (None aside) a 1-D contiguous CPU tensor,
+    float32 or bool."""
+    return library() is not None and all(
+        t is None or (t.device.type == "cpu" and t.dim() == 1 and t.is_contiguous() and t.dtype in _DTYPES)
+        for t in tensors
+    )
+
+
+def _address(array: np.ndarray | None, offset: int = 0, itemsize: int = FLOAT) -> int | None:
+    return None if array is None else array.ctypes.data + offset * itemsize
+
+
+def count_band(
+    a: np.ndarray, b: np.ndarray | None, lower: float, upper: float, collect: bool, mask: np.ndarray | None = None
+) -> Counts:
+    """One pass over the scores counting those above ``upper`` and in ``(lower, upper]`` (collected into
+    ``band`` when ``collect``) and the non-finite ones. With a bool ``mask`` (the scores' length) the pass also
+    writes ``mask = s > upper`` and, when collecting, the band's positions into ``where``: the mask is then
+    exact everywhere but at those positions."""
+    n, count = len(a), parts(len(a))
+    capacity = n // count // _BAND_SHARE + _BAND_MIN if collect else 0
+    while True:
+        band = np.empty(capacity * count, dtype=np.float32) if collect else None
+        where = np.empty(capacity * count, dtype=np.int64) if collect and mask is not None else None
+        out = np.zeros((count, 4), dtype=np.int64)
+        library().mgup_count_band(_address(a), _address(b), n, lower, upper, _address(band), _address(where, 0, 8),
+                                  capacity, _address(mask, 0, 1), _address(out, 0, 8), count)
+        if not collect or out[:, 3].max() <= capacity:
+            break
+        capacity = int(out[:, 3].max())  # rare: a band wider than the guess; collect it again, whole
+    totals = out.sum(axis=0)
+    spans = [slice(t * capacity, t * capacity + int(out[t, 3])) for t in range(count)]
+    band_values = np.concatenate([band[span] for span in spans]) if collect else a[:0]
+    positions = np.concatenate([where[span] for span in spans]) if where is not None else np.empty(0, np.int64)
+    return Counts(int(totals[0]), int(totals[1]), int(totals[2]), band_values, positions)
+
+
+def fill_mask(a: np.ndarray, b: np.ndarray | None, value: float, cut: int, out: np.ndarray) -> None:
+    """``out[:cut] = s[:cut] >= value`` and ``out[cut:] = s[cut:] > value`` (bool ``out``, the scores' length)."""
+    library().mgup_fill_mask(_address(a), _address(b), len(a), value, cut, _address(out, 0, 1), parts(len(a)))
+
+
+def locate_ties(a: np.ndarray, b: np.ndarray | None, value: float, r: int) -> int:
+    """The position just after the ``r``-th (``r >= 1``) score equal to ``value``; `ValueError` if fewer."""
+    ties = ctypes.c_int64(0)
+    cut = library().mgup_locate_ties(_address(a), _address(b), len(a), value, r, ctypes.byref(ties))
+    if cut < 0:
+        raise ValueError(f"fewer than {r} scores equal {value}")
+    return int(cut)
+
+
+def mark_ties(a: np.ndarray, b: np.ndarray | None, value: float, r: int, mask: np.ndarray) -> None:
+    """Sets ``mask`` (bool, the scores' length) True at the first ``r`` scores equal to ``value`` in index
+    order, reading only up to the r-th; `ValueError` if there are fewer."""
+    marked = library().mgup_mark_ties(_address(a), _address(b), len(a), value, r, _address(mask, 0, 1))
+    if marked < r:
+        raise ValueError(f"fewer than {r} scores equal {value}")
+
+
+def masked_update(param: np.ndarray, direction: np.ndarray, mask: np.ndarray, high: float, low: float,
+                  alpha: float) -> None:
+    """``param += alpha·(direction·Φ)``, Φ = ``high`` where ``mask`` else ``low`` (all float32 except the bool
+    mask), each product rounded to float32 and the update fused (see ``mgup_masked_update``)."""
+    library().mgup_masked_update(_address(param), _address(direction), _address(mask, 0, 1), len(param), high, low,
+                                 alpha, parts(len(param)))
+
+
+def settle_band(counts: Counts, value: float, r: int, mask: np.ndarray) -> None:
+    """After a counting pass that wrote ``mask`` and collected its band (`count_band` with a mask), with the
+    k-th score ``value`` in that band: ``mask`` at the band's positions becomes ``score > value``, or True for
+    the first ``r`` scores equal to ``value`` in flat order."""
+    band, where = np.ascontiguousarray(counts.band), np.ascontiguousarray(counts.where)
+    library().mgup_settle_band(_address(band), _address(where, 0, 8), len(band), value, r, _address(mask, 0, 1))
+
+
+def topk_small(a: np.ndarray, b: np.ndarray | None, k: int, mask: np.ndarray) -> int:
+    """The whole exact top-k selection (``1 <= k < n``, ties to the lowest indices) into bool ``mask`` in one
+    call, for tensors too small for sampling to pay; returns the number of non-finite scores (the mask is not
+    written when there are any)."""
+    work = np.empty(2 * len(a), dtype=np.float32)
+    return int(library().mgup_topk_small(_address(a), _address(b), len(a), k, _address(mask, 0, 1), _address(work)))
+
+
+def order_statistics(values: np.ndarray, ranks: list[int]) -> list[float]:
+    """The ``ranks``-th smallest (0-based) of finite float32 ``values`` (left unchanged), by radix select."""
+    lib = library()
+    answers = []
+    for rank in ranks:
+        work = np.array(values, dtype=np.float32, copy=True)
+        answers.append(float(lib.mgup_order_statistic(_address(work), len(work), rank)))
+    return answers

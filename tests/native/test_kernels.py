@@ -1,0 +1,164 @@
+"""`mgup_dist.native.kernels` against plain numpy: each kernel on random and tie-heavy data, with and without
+a second factor, split over three threads, at edge cuts and ranks (``MGUP_DIST_NATIVE=1``: fails rather than
+falls back when the kernels cannot be built)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mgup_dist.native import kernels, threads
+
+
+@pytest.fixture(autouse=True)
+def native_on_three_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MGUP_DIST_NATIVE", "1")
+    monkeypatch.setattr(threads, "workers", lambda: 3)
+    monkeypatch.setattr(threads, "RANGE", 10_000)
+
+
+def data(n: int, seed: int, ties: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal(n).astype(np.float32)
+    if ties:
+        a = np.round(a).astype(np.float32)
+        a[rng.random(n) < 0.3] = -0.0
+    return a, rng.standard_normal(n).astype(np.float32)
+
+
+def scores(a: np.ndarray, b: np.ndarray | None) -> np.ndarray:
+    return a if b is None else a * b
+
+
+@pytest.mark.parametrize("with_b", [False, True])
+@pytest.mark.parametrize("n", [0, 7, 2049, 100_003])
+@pytest.mark.parametrize("bounds", [(-0.1, 0.2), (0.0, 0.0), (-np.inf, np.inf), (float(np.nextafter(np.float32(1), np.float32(0))), 1.0)])
+def test_count_band(with_b: bool, n: int, bounds: tuple[float, float]) -> None:
+    a, b = data(n, seed=n, ties=True)
+    b = b if with_b else None
+    s, (lower, upper) = scores(a, b), bounds
+    for collect in (False, True):
+        counts = kernels.count_band(a, b, lower, upper, collect)
+        inside = (s > lower) & (s <= upper)
+        assert counts.above_upper == int((s > upper).sum()) and counts.inside == int(inside.sum())
+        assert counts.nonfinite == 0
+        assert np.array_equal(counts.band, s[inside] if collect else s[:0])
+
+
+def test_count_band_counts_non_finite() -> None:
+    a, b = data(50_000, seed=1)
+    a[[3, 20_000, 49_999]] = [np.nan, np.inf, -np.inf]
+    assert kernels.count_band(a, b, -1.0, 1.0, True).nonfinite == 3
+    assert kernels.count_band(a, None, 0.0, 0.0, False).nonfinite == 3
+
+
+@pytest.mark.parametrize("with_b", [False, True])
+@pytest.mark.parametrize("cut", [-5, 0, 1, 33_333, 99_999, 100_000, 100_005])
+def test_fill_mask(with_b: bool, cut: int) -> None:
+    a, b = data(100_000, seed=2, ties=True)
+    b = b if with_b else None
+    s, value = scores(a, b), 0.0
+    out = np.empty(100_000, dtype=bool)
+    kernels.fill_mask(a, b, value, cut, out)
+    edge = min(max(cut, 0), 100_000)
+    assert np.array_equal(out, np.concatenate([s[:edge] >= value, s[edge:] > value]))
+
+
+@pytest.mark.parametrize("with_b", [False, True])
+def test_locate_ties(with_b: bool) -> None:
+    a, b = data(30_000, seed=3, ties=True)
+    b = b if with_b else None
+    s = scores(a, b)
+    value = float(s[17])
+    positions = np.flatnonzero(s == value)
+    for r in (1, 2, len(positions) // 2, len(positions)):
+        assert kernels.locate_ties(a, b, value, r) == positions[r - 1] + 1
+    with pytest.raises(ValueError, match="fewer than"):
+        kernels.locate_ties(a, b, value, len(positions) + 1)
+
+
+@pytest.mark.parametrize("n", [1, 2, 1000, 77_777])
+@pytest.mark.parametrize("kind", ["normal", "ties", "extremes"])
+def test_order_statistics(n: int, kind: str) -> None:
+    rng = np.random.default_rng(n)
+    values = {
+        "normal": rng.standard_normal(n),
+        "ties": rng.choice([-0.0, 0.0, 1.0, -2.5], n),
+        "extremes": rng.choice([3.4e38, -3.4e38, 1e-45, -1e-45, 0.0, 1.0], n),
+    }[kind].astype(np.float32)
+    before = values.copy()
+    ranks = sorted({0, n // 3, n // 2, n - 1})
+    expected = np.sort(values)[ranks]
+    assert kernels.order_statistics(values, ranks) == pytest.approx(list(expected), abs=0, rel=0)
+    assert np.array_equal(values, before)
+
+
+def test_masked_update_is_torchs_where_mul_add() -> None:
+    gen = torch.Generator().manual_seed(4)
+    n = 123_457
+    param, direction = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+    mask = torch.rand(n, generator=gen) < 0.5
+    expected = param.clone().add_(direction * torch.where(mask, 1.75, 0.125), alpha=-3e-4)
+    kernels.masked_update(param.numpy(), direction.numpy(), mask.numpy(), 1.75, 0.125, -3e-4)
+    assert torch.equal(param, expected)
+
+
+@pytest.mark.parametrize("tensor, usable", [
+    (torch.zeros(5), True),
+    (torch.zeros(5, dtype=torch.bool), True),
+    (torch.zeros(5, dtype=torch.float64), False),
+    (torch.zeros(2, 3), False),
+    (torch.zeros(10)[::2], False),
+])
+def test_usable(tensor: torch.Tensor, usable: bool) -> None:
+    assert kernels.usable(tensor, None) is usable
+
+
+@pytest.mark.parametrize("with_b", [False, True])
+def test_mark_ties(with_b: bool) -> None:
+    a, b = data(30_000, seed=6, ties=True)
+    b = b if with_b else None
+    s = scores(a, b)
+    value = float(s[5])
+    positions = np.flatnonzero(s == value)
+    for r in (1, len(positions) // 3, len(positions)):
+        mask = s > value
+        kernels.mark_ties(a, b, value, r, mask)
+        expected = s > value
+        expected[positions[:r]] = True
+        assert np.array_equal(mask, expected)
+    with pytest.raises(ValueError, match="fewer than"):
+        kernels.mark_ties(a, b, value, len(positions) + 1, s > value)
+
+
+@pytest.mark.parametrize("with_b", [False, True])
+@pytest.mark.parametrize("n", [2, 3, 768, 5000])
+def test_topk_small_is_the_stable_sort_prefix(with_b: bool, n: int) -> None:
+    a, b = data(n, seed=n + 7, ties=True)
+    b = b if with_b else None
+    s = scores(a, b).astype(np.float64)
+    for k in sorted({1, n // 2, n - 1}):
+        mask = np.zeros(n, dtype=bool)
+        assert kernels.topk_small(a, b, k, mask) == 0
+        expected = np.zeros(n, dtype=bool)
+        expected[np.argsort(-s, kind="stable")[:k]] = True
+        assert np.array_equal(mask, expected)
+    a[n // 2] = np.nan
+    assert kernels.topk_small(a, b, 1, np.zeros(n, dtype=bool)) == 1
+
+
+def test_settle_band_after_a_masked_count() -> None:
+    a, b = data(200_000, seed=9, ties=True)
+    s = a * b
+    values = np.unique(s)
+    lower, upper = float(values[len(values) // 2 - 3]), float(values[len(values) // 2 + 3])
+    mask = np.zeros(len(s), dtype=bool)
+    counts = kernels.count_band(a, b, lower, upper, True, mask=mask)
+    assert np.array_equal(counts.where, np.flatnonzero((s > lower) & (s <= upper)))
+    value = float(values[len(values) // 2])
+    ties = np.flatnonzero(s == value)
+    r = len(ties) // 2 + 1
+    kernels.settle_band(counts, value, r, mask)
+    expected = s > value
+    expected[ties[:r]] = True
+    assert np.array_equal(mask, expected)

@@ -1,0 +1,116 @@
+"""The native selection path of `mgup_dist.ops.select` (``MGUP_DIST_NATIVE=1``: the test fails, never falls back,
+when the kernels cannot be built) against the sort oracle of `tests.ops.test_select`: materialised scores and
+scores given as products, every distribution and the k's at the edges of the largest block of ties, several
+threads, bands wider than the first buffer guess, misleading samples, and non-finite scores."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mgup_dist.native import kernels, threads
+from mgup_dist.ops import select
+from mgup_dist.ops.select import topk_mask, topk_mask_of_product
+from mgup_dist.rules.requests import NonFiniteScoresError
+from tests.ops.test_select import DISTRIBUTIONS, k_values, make_scores, oracle_mask
+
+
+@pytest.fixture(autouse=True)
+def native_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MGUP_DIST_NATIVE", "1")
+
+
+def factors(kind: str, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two float32 factors whose product has ``kind``'s character (zeros, ties, extremes...)."""
+    scores = make_scores(kind, n, seed)
+    other = torch.from_numpy(np.random.default_rng(seed + 1).choice([0.5, 1.0, -1.0, 0.25], n).astype(np.float32))
+    return scores, other
+
+
+def assert_exact_both(direction: torch.Tensor, grad: torch.Tensor, k: int) -> None:
+    product = direction * grad
+    expected = oracle_mask(product, k)
+    for mask in (topk_mask(product, k), topk_mask_of_product(direction, grad, k)):
+        assert int(mask.sum()) == k
+        assert torch.equal(mask, expected)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    kind=st.sampled_from(DISTRIBUTIONS),
+    n=st.one_of(st.integers(0, 300), st.sampled_from([select.SAMPLE_FROM - 1, select.SAMPLE_FROM, 50_000])),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_matches_oracle_random(kind: str, n: int, seed: int) -> None:
+    direction, grad = factors(kind, n, seed)
+    for k in k_values(n, direction * grad, seed):
+        assert_exact_both(direction, grad, k)
+
+
+@pytest.mark.parametrize("kind", ["products", "zeros", "signed_zeros", "few", "block", "spikes", "extremes"])
+def test_matches_oracle_on_three_threads(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(threads, "workers", lambda: 3)
+    monkeypatch.setattr(threads, "RANGE", 20_000)
+    direction, grad = factors(kind, 300_007, seed=3)
+    for k in k_values(300_007, direction * grad, seed=4):
+        assert_exact_both(direction, grad, k)
+
+
+def test_band_wider_than_the_first_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tiny first band buffer overflows; the range is collected again, whole, and the mask stays exact."""
+    monkeypatch.setattr(kernels, "_BAND_SHARE", 10**9)
+    monkeypatch.setattr(kernels, "_BAND_MIN", 1)
+    direction, grad = factors("products", 200_000, seed=5)
+    assert_exact_both(direction, grad, 100_000)
+
+
+def test_misleading_sample_costs_passes_not_exactness(monkeypatch: pytest.MonkeyPatch) -> None:
+    original = select._sample
+    monkeypatch.setattr(select, "_sample", lambda values, *density: original(values, *density) + np.float32(1e-3))
+    direction, grad = factors("products", 200_000, seed=11)
+    assert_exact_both(direction, grad, 100_000)
+
+
+def test_one_pass_collects_a_small_band(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    original = kernels.count_band
+    monkeypatch.setattr(kernels, "count_band", lambda *args, **kw: calls.append(original(*args, **kw)) or calls[-1])
+    direction, grad = factors("products", 1_000_003, seed=2)
+    assert torch.equal(topk_mask_of_product(direction, grad, 500_001), oracle_mask(direction * grad, 500_001))
+    assert len(calls) == 1 and 0 < len(calls[0].band) < 1_000_003 // kernels._BAND_SHARE  # fits the first buffer
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("n, k", [(1, 0), (300, 150), (50_000, 50_000), (50_000, 123)])
+def test_non_finite_raises(bad: float, n: int, k: int) -> None:
+    direction, grad = factors("normal", n, seed=1)
+    direction[n // 2] = bad
+    with pytest.raises(NonFiniteScoresError):
+        topk_mask_of_product(direction, grad, k)
+    with pytest.raises(NonFiniteScoresError):
+        topk_mask(direction.clone(), k)
+
+
+def test_overflowing_product_raises() -> None:
+    direction = torch.full((1000,), 1e30)
+    with pytest.raises(NonFiniteScoresError):
+        topk_mask_of_product(direction, direction.clone(), 10)
+
+
+def test_product_writes_into_out_and_checks_it() -> None:
+    direction, grad = factors("zeros", 5000, seed=8)
+    out = torch.empty(5000, dtype=torch.bool)
+    assert topk_mask_of_product(direction, grad, 1234, out=out).data_ptr() == out.data_ptr()
+    assert torch.equal(out, oracle_mask(direction * grad, 1234))
+    with pytest.raises(ValueError, match="shape"):
+        topk_mask_of_product(direction, grad[:10], 5)
+    with pytest.raises(TypeError, match="bool"):
+        topk_mask_of_product(direction, grad, 5, out=torch.empty(5000))
+
+
+def test_non_float32_factors_take_the_product_path() -> None:
+    direction, grad = factors("products", 3000, seed=9)
+    mask = topk_mask_of_product(direction.bfloat16(), grad.double(), 1000)
+    assert torch.equal(mask, oracle_mask(direction.bfloat16().float() * grad.double().float(), 1000))
