@@ -116,7 +116,12 @@ def init_process_group(env: DistEnv) -> None:
     dist.init_process_group(env.pg_backend, store=store, rank=env.rank, world_size=env.world_size)
 
 
-def shutdown() -> None:
-    """Leaves the default process group if this process joined one."""
+def shutdown(finished: bool = False) -> None:
+    """Leaves the default process group if this process joined one. ``finished``: every rank completed its
+    run, so all first meet at a barrier; no rank then tears down its connections while a peer's last
+    operations are still in flight (gloo can abort a process destroyed mid-exchange). After an error, ranks
+    may not all get here, so they leave without one."""
     if dist.is_available() and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()

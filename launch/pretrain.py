@@ -169,9 +169,11 @@ def run(plan: RunPlan) -> dict:
         summary = trainer.run()
         if plan.env.is_main:
             print(_final_line(summary, plan.out), flush=True)
-        return summary
-    finally:
+    except BaseException:
         shutdown()
+        raise
+    shutdown(finished=True)
+    return summary
 
 
 def _launch(args: argparse.Namespace) -> Optional[dict]:

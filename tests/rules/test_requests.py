@@ -1,0 +1,28 @@
+"""`ScoreProduct` and `TopKMask.score_tensor`: scores given by their factors form once, in float32, in the
+buffer when one is given."""
+from __future__ import annotations
+
+import torch
+
+from mgup_dist.rules.requests import ScoreProduct, TopKMask
+from mgup_dist.shard.segment import Segment
+
+
+def test_float32_product_goes_into_the_buffer_once() -> None:
+    direction, grad = torch.randn(50), torch.randn(50)
+    buffer = torch.empty(50)
+    request = TopKMask(Segment.whole(0, (5, 10)), ScoreProduct(direction, grad, buffer), 7)
+    scores = request.score_tensor()
+    assert scores.data_ptr() == buffer.data_ptr() and torch.equal(scores, direction * grad)
+    assert request.scores is scores and request.score_tensor() is scores  # formed once
+
+
+def test_narrow_factors_multiply_in_float32() -> None:
+    direction, grad = torch.randn(64).bfloat16(), torch.randn(64).half()
+    scores = ScoreProduct(direction, grad).materialize()
+    assert scores.dtype == torch.float32 and torch.equal(scores, direction.float() * grad.float())
+
+
+def test_tensor_scores_are_returned_as_they_are() -> None:
+    scores = torch.randn(8)
+    assert TopKMask(Segment.whole(0, (8,)), scores, 3).score_tensor() is scores
