@@ -127,16 +127,9 @@ def mgup_selection(
     return (yield TopKMask(segment, scores, k, out=scratch("mask", torch.bool) if scratch else None))
 
 
-def mgup_factors(
-    direction: torch.Tensor, grad: torch.Tensor, segment: Segment, hp: Mapping[str, Any],
-    scratch: Callable[[str, torch.dtype], torch.Tensor] | None = None,
-) -> Generator[Request, Any, torch.Tensor]:
-    """MGUP_MASK: α on the exact top-k of ``direction ⊙ grad`` over the whole tensor, γ elsewhere (see
-    `mgup_selection`). Once the answer is back the scores are dead, so for a float32 ``direction`` the factors
-    go into their buffer: the mask costs one float tensor of the segment's size beside the bool selection."""
-    selected = yield from mgup_selection(direction, grad, segment, hp, scratch)
-    name = "scores" if direction.dtype == torch.float32 else "factors"
-    return sign_factors(selected, hp["alpha"], hp["gamma"], direction.dtype, out=scratch(name, direction.dtype) if scratch else None)
+def in_dtype(values: tuple[float, ...], dtype: torch.dtype) -> tuple[float, ...]:
+    """``values`` each rounded once to ``dtype`` (as Python floats)."""
+    return tuple(torch.tensor(v, dtype=dtype).item() for v in values)
 
 
 def dynamic_alpha(aligned: torch.Tensor, slot: Slot, hp: Mapping[str, Any]) -> Generator[Request, Any, float]:

@@ -12,7 +12,7 @@ import torch
 
 from mgup_dist.rules.adam import decay
 from mgup_dist.rules.driver import Rule
-from mgup_dist.rules.masks import mgup_factors
+from mgup_dist.rules.masks import in_dtype, masked_step, mgup_selection
 from mgup_dist.rules.requests import Orthogonalize, Request
 from mgup_dist.rules.slot import Slot
 from mgup_dist.rules.tensor_norm import clip_to_unit_norm
@@ -31,10 +31,17 @@ def _orthogonalize(
     return update.to(slot.param.dtype)
 
 
-def _apply(slot: Slot, update: torch.Tensor, hp: Mapping[str, Any]) -> None:
+def _apply(slot: Slot, update: torch.Tensor, hp: Mapping[str, Any], factors: tuple[float, float] | None = None,
+           selected: torch.Tensor | None = None) -> None:
+    """Decay, then ``θ ← θ − lr·scale·update``, with ``update ⊙ Φ`` when ``selected`` is given (Φ = the
+    ``factors`` (high, low) where ``selected``, in ``update``'s dtype)."""
     rows, cols = slot.segment.matrix_shape
+    step_size = hp["lr"] * moonlight_scale(rows, cols)
     decay(slot.param, hp["lr"], hp["weight_decay"])
-    slot.param.add_(update, alpha=-hp["lr"] * moonlight_scale(rows, cols))
+    if selected is None:
+        slot.param.add_(update, alpha=-step_size)
+    else:
+        masked_step(slot.param, update, selected, *factors, step_size)
 
 
 def muon(slot: Slot, hp: Mapping[str, Any], masked: bool = False) -> Rule:
@@ -46,11 +53,11 @@ def muon(slot: Slot, hp: Mapping[str, Any], masked: bool = False) -> Rule:
     buf = slot.buffer("momentum_buffer")
     buf.mul_(momentum).add_(grad)
     direction = grad.add(buf, alpha=momentum) if hp["nesterov"] else buf
-    factors = (yield from mgup_factors(direction, grad, slot.segment, hp, slot.scratch)) if masked else None
+    selected = (yield from mgup_selection(direction, grad, slot.segment, hp, slot.scratch)) if masked else None
     update = yield from _orthogonalize(slot, direction, hp)
-    if factors is not None:
-        update.mul_(factors.to(update.dtype))
-    _apply(slot, update, hp)
+    # Φ is MGUP_MASK's, in the direction's dtype (then the update's, as a cast of Φ would give)
+    factors = in_dtype((hp["alpha"], hp["gamma"]), direction.dtype) if masked else None
+    _apply(slot, update, hp, factors, selected)
 
 
 def mgup_muon(slot: Slot, hp: Mapping[str, Any]) -> Rule:

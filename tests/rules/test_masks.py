@@ -6,7 +6,7 @@ import torch
 from mgup_dist.ops.local import LocalOps
 from mgup_dist.rules import masks
 from mgup_dist.native import threads
-from mgup_dist.rules.masks import dynamic_alpha, mgup_factors
+from mgup_dist.rules.masks import dynamic_alpha, mgup_selection
 from mgup_dist.rules.requests import NonFiniteScoresError
 from mgup_dist.rules.slot import Slot
 from mgup_dist.shard.segment import Segment
@@ -28,7 +28,8 @@ def _resolve(rule):
 def _factors(direction, grad, tau, alpha=2.0, gamma=0.5) -> torch.Tensor:
     segment = Segment.whole(0, tuple(direction.shape))
     hp = {"mask_ratio": tau, "alpha": alpha, "gamma": gamma}
-    return _resolve(mgup_factors(direction.reshape(-1), grad.reshape(-1), segment, hp)).reshape(direction.shape)
+    selected = _resolve(mgup_selection(direction.reshape(-1), grad.reshape(-1), segment, hp))
+    return masks.sign_factors(selected, alpha, gamma, direction.dtype).reshape(direction.shape)
 
 
 def test_count_is_int_of_tau_times_d() -> None:
