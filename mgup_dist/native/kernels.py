@@ -9,6 +9,7 @@ never depend on the thread count.
 from __future__ import annotations
 
 import ctypes
+import threading
 from typing import NamedTuple
 
 import numpy as np
@@ -46,6 +47,19 @@ def usable(*tensors: torch.Tensor | None) -> bool:
     )
 
 
+_workspaces = threading.local()
+
+
+def _workspace(name: str, size: int, dtype: type) -> np.ndarray:
+    """A 1-D ``dtype`` buffer of ``size`` elements kept per thread and grown as needed, so repeated passes do
+    not map fresh pages each time; its contents are only valid until the next call with ``name``."""
+    cache = _workspaces.__dict__
+    buffer = cache.get(name)
+    if buffer is None or buffer.size < size:
+        buffer = cache[name] = np.empty(max(size, 2 * (0 if buffer is None else buffer.size)), dtype=dtype)
+    return buffer[:size]
+
+
 def _address(array: np.ndarray | None, offset: int = 0, itemsize: int = FLOAT) -> int | None:
     return None if array is None else array.ctypes.data + offset * itemsize
 
@@ -60,8 +74,8 @@ def count_band(
     n, count = len(a), parts(len(a))
     capacity = n // count // _BAND_SHARE + _BAND_MIN if collect else 0
     while True:
-        band = np.empty(capacity * count, dtype=np.float32) if collect else None
-        where = np.empty(capacity * count, dtype=np.int64) if collect and mask is not None else None
+        band = _workspace("band", capacity * count, np.float32) if collect else None
+        where = _workspace("where", capacity * count, np.int64) if collect and mask is not None else None
         out = np.zeros((count, 4), dtype=np.int64)
         library().mgup_count_band(_address(a), _address(b), n, lower, upper, _address(band), _address(where, 0, 8),
                                   capacity, _address(mask, 0, 1), _address(out, 0, 8), count)
@@ -117,7 +131,7 @@ def topk_small(a: np.ndarray, b: np.ndarray | None, k: int, mask: np.ndarray) ->
     """The whole exact top-k selection (``1 <= k < n``, ties to the lowest indices) into bool ``mask`` in one
     call, for tensors too small for sampling to pay; returns the number of non-finite scores (the mask is not
     written when there are any)."""
-    work = np.empty(2 * len(a), dtype=np.float32)
+    work = _workspace("small", 2 * len(a), np.float32)
     return int(library().mgup_topk_small(_address(a), _address(b), len(a), k, _address(mask, 0, 1), _address(work)))
 
 
@@ -126,6 +140,7 @@ def order_statistics(values: np.ndarray, ranks: list[int]) -> list[float]:
     lib = library()
     answers = []
     for rank in ranks:
-        work = np.array(values, dtype=np.float32, copy=True)
+        work = _workspace("order", len(values), np.float32)
+        work[:] = values
         answers.append(float(lib.mgup_order_statistic(_address(work), len(work), rank)))
     return answers
