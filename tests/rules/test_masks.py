@@ -160,3 +160,12 @@ def test_masked_step_is_the_unfused_update_bit_for_bit(
         masks.masked_step(got, direction.clone(), selected, high, low, 0.37)
         bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
         assert torch.equal(got.view(bits), expected.view(bits)), (high, low)
+
+
+def test_masked_step_on_a_parameter_that_requires_grad() -> None:
+    """The native path reads the tensors' memory directly: a leaf that requires grad is updated in place too."""
+    param = torch.nn.Parameter(torch.zeros(1000))
+    selected = torch.arange(1000) < 300
+    with torch.no_grad():
+        masks.masked_step(param, torch.ones(1000), selected, 2.0, 0.5, 0.1)
+    assert torch.equal(param.detach(), torch.where(selected, -0.2, -0.05))
