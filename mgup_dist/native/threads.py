@@ -37,19 +37,14 @@ def _executor(count: int) -> ThreadPoolExecutor:
     return _pool[2]
 
 
-def _run(fn: Callable[[int, int], T], bounds: list[tuple[int, int]]) -> list[T]:
-    if len(bounds) == 1:
-        return [fn(*bounds[0])]
-    return list(_executor(workers()).map(lambda bound: fn(*bound), bounds))
-
-
 def map_ranges(fn: Callable[[int, int], T], numel: int) -> list[T]:
     """``[fn(lo, hi) for consecutive ranges [lo, hi) covering [0, numel)]``, in order: one range ``[0, numel)``
     when `workers` is 1 or ``numel <= RANGE``, else ranges of `RANGE` elements run on `workers` threads.
     ``fn`` must be safe to run concurrently on disjoint ranges."""
     if workers() < 2 or numel <= RANGE:
         return [fn(0, numel)]
-    return _run(fn, [(lo, min(lo + RANGE, numel)) for lo in range(0, numel, RANGE)])
+    bounds = [(lo, min(lo + RANGE, numel)) for lo in range(0, numel, RANGE)]
+    return list(_executor(workers()).map(lambda bound: fn(*bound), bounds))
 
 
 def parts(numel: int) -> int:

@@ -5,7 +5,6 @@ from typing import Sequence
 
 import torch
 
-from mgup_dist.native import kernels
 from mgup_dist.ops.select import topk_mask, topk_mask_of_product
 from mgup_dist.rules.newton_schulz import newton_schulz
 from mgup_dist.rules.requests import Orthogonalize, ScoreProduct, TensorSum, TopKMask
@@ -19,15 +18,11 @@ def _require_whole(request: TensorSum | TopKMask | Orthogonalize) -> None:
 
 
 def _topk_mask(request: TopKMask) -> torch.Tensor:
-    """A `ScoreProduct` goes to the native kernels as its factors when they can read them (no scores written)."""
+    """A `ScoreProduct` goes to `topk_mask_of_product` as its factors (the native kernels then write no scores)."""
     scores = request.scores
-    if (
-        isinstance(scores, ScoreProduct)
-        and scores.direction.dtype == scores.grad.dtype == torch.float32
-        and kernels.usable(scores.direction, scores.grad, request.out)
-    ):
-        return topk_mask_of_product(scores.direction, scores.grad, request.k, out=request.out)
-    return topk_mask(request.score_tensor(), request.k, out=request.out)
+    if isinstance(scores, ScoreProduct):
+        return topk_mask_of_product(scores.direction, scores.grad, request.k, request.out, scores.buffer)
+    return topk_mask(scores, request.k, out=request.out)
 
 
 class LocalOps:

@@ -42,7 +42,7 @@ import torch
 from mgup_dist import native
 from mgup_dist.native import kernels
 from mgup_dist.native.threads import map_ranges
-from mgup_dist.rules.requests import NonFiniteScoresError
+from mgup_dist.rules.requests import NonFiniteScoresError, ScoreProduct
 
 T = TypeVar("T")
 Values = Union[np.ndarray, torch.Tensor]  # a 1-D float32 host (numpy) view of CPU scores, or the device tensor
@@ -83,11 +83,16 @@ def float_below(x: float) -> float:
         return float(np.nextafter(np.float32(x), np.float32(-np.inf)))
 
 
+def require_finite(nonfinite: int) -> None:
+    """`NonFiniteScoresError` unless ``nonfinite`` (how many scores are NaN or infinite) is 0."""
+    if nonfinite:
+        raise NonFiniteScoresError("MGUP mask scores contain NaN or infinity (non-finite gradient?)")
+
+
 def finite_range(scores: torch.Tensor) -> tuple[float, float]:
     """``(min, max)`` of non-empty ``scores`` in one reduction; `NonFiniteScoresError` on NaN or infinity."""
     low, high = (float(v) for v in torch.aminmax(scores))
-    if not (math.isfinite(low) and math.isfinite(high)):
-        raise NonFiniteScoresError("MGUP mask scores contain NaN or infinity (non-finite gradient?)")
+    require_finite(not (math.isfinite(low) and math.isfinite(high)))
     return low, high
 
 
@@ -308,20 +313,17 @@ def _native_mask(a: torch.Tensor, b: torch.Tensor | None, k: int, mask: torch.Te
 
     def count(lower: float, upper: float) -> tuple[int, int, np.ndarray]:
         counts = kernels.count_band(av, bv, lower, upper, lower != float_below(upper), mask=out)
-        if counts.nonfinite:
-            raise NonFiniteScoresError("MGUP mask scores contain NaN or infinity (non-finite gradient?)")
+        require_finite(counts.nonfinite)
         last[:] = [(lower, upper, counts)]
         return counts.above_upper + counts.inside, counts.above_upper, counts.band
 
     if n == 0:
         return mask
     if k in (0, n):
-        if kernels.count_band(av, bv, 0.0, 0.0, collect=False).nonfinite:
-            raise NonFiniteScoresError("MGUP mask scores contain NaN or infinity (non-finite gradient?)")
+        require_finite(kernels.count_band(av, bv, 0.0, 0.0, collect=False).nonfinite)
         return mask.fill_(k == n)
     if n < SAMPLE_FROM:
-        if kernels.topk_small(av, bv, k, out):
-            raise NonFiniteScoresError("MGUP mask scores contain NaN or infinity (non-finite gradient?)")
+        require_finite(kernels.topk_small(av, bv, k, out))
         return mask
     pool = _sample(av, NATIVE_DENSITY)
     pool = pool if bv is None else pool * _sample(bv, NATIVE_DENSITY)
@@ -340,15 +342,19 @@ def _native_mask(a: torch.Tensor, b: torch.Tensor | None, k: int, mask: torch.Te
 
 
 def topk_mask_of_product(
-    direction: torch.Tensor, grad: torch.Tensor, k: int, out: torch.Tensor | None = None
+    direction: torch.Tensor,
+    grad: torch.Tensor,
+    k: int,
+    out: torch.Tensor | None = None,
+    buffer: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`topk_mask` of the float32 scores ``direction ⊙ grad`` (1-D float32 tensors of one length), computed
-    without writing the scores to memory when the native kernels can read the operands; otherwise the
-    product is formed and passed to `topk_mask`."""
+    """`topk_mask` of the float32 scores ``direction ⊙ grad`` (1-D tensors of one length), computed without
+    writing the scores to memory when the native kernels can read the operands (both float32); otherwise the
+    product is formed (`ScoreProduct.materialize`, into ``buffer`` when given) and passed to `topk_mask`."""
     if direction.shape != grad.shape:
         raise ValueError(f"score factors differ in shape: {tuple(direction.shape)} and {tuple(grad.shape)}")
     if not kernels.usable(direction, grad, out) or direction.dtype != torch.float32 or grad.dtype != torch.float32:
-        return topk_mask(torch.mul(direction.float(), grad.float()), k, out)
+        return topk_mask(ScoreProduct(direction, grad, buffer).materialize(), k, out)
     _check(direction, k, out)
     mask = torch.empty(direction.numel(), dtype=torch.bool) if out is None else out
     return _native_mask(direction, grad, k, mask)

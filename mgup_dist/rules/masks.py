@@ -48,7 +48,7 @@ class _Factors:
 
 
 def _factors(high: float, low: float, dtype: torch.dtype) -> _Factors:
-    high_value, low_value = (torch.tensor(v, dtype=dtype).item() for v in (high, low))
+    high_value, low_value = in_dtype((high, low), dtype)
     span = _SPAN.get(dtype, 2.0**100)
     signed_zeros = high_value == low_value and math.copysign(1, high_value) != math.copysign(1, low_value)
     clamped = abs(high_value) <= span and abs(low_value) <= span and not signed_zeros

@@ -64,13 +64,18 @@ def test_fill_mask(with_b: bool, cut: int) -> None:
     assert np.array_equal(out, np.concatenate([s[:edge] >= value, s[edge:] > value]))
 
 
-@pytest.mark.parametrize("with_b", [False, True])
-def test_locate_ties(with_b: bool) -> None:
-    a, b = data(30_000, seed=3, ties=True)
+def tied(with_b: bool, seed: int, at: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, float, np.ndarray]:
+    """Tie-heavy factors ``a`` (and ``b`` when ``with_b``), their scores, the score at ``at`` and where it recurs."""
+    a, b = data(30_000, seed=seed, ties=True)
     b = b if with_b else None
     s = scores(a, b)
-    value = float(s[17])
-    positions = np.flatnonzero(s == value)
+    value = float(s[at])
+    return a, b, s, value, np.flatnonzero(s == value)
+
+
+@pytest.mark.parametrize("with_b", [False, True])
+def test_locate_ties(with_b: bool) -> None:
+    a, b, s, value, positions = tied(with_b, seed=3, at=17)
     for r in (1, 2, len(positions) // 2, len(positions)):
         assert kernels.locate_ties(a, b, value, r) == positions[r - 1] + 1
     with pytest.raises(ValueError, match="fewer than"):
@@ -116,11 +121,7 @@ def test_usable(tensor: torch.Tensor, usable: bool) -> None:
 
 @pytest.mark.parametrize("with_b", [False, True])
 def test_mark_ties(with_b: bool) -> None:
-    a, b = data(30_000, seed=6, ties=True)
-    b = b if with_b else None
-    s = scores(a, b)
-    value = float(s[5])
-    positions = np.flatnonzero(s == value)
+    a, b, s, value, positions = tied(with_b, seed=6, at=5)
     for r in (1, len(positions) // 3, len(positions)):
         mask = s > value
         kernels.mark_ties(a, b, value, r, mask)
