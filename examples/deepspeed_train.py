@@ -7,7 +7,8 @@
 
 The only change from a plain DeepSpeed script is ``mgup_dist.deepspeed.initialize`` in place of
 ``deepspeed.initialize``. Rank 0 prints the loss of every step; at the end every rank prints a checksum of the
-model's parameters (identical on all ranks when the run is consistent).
+model's parameters (identical on all ranks when the run is consistent), and the ranks leave the process group
+together.
 """
 from __future__ import annotations
 
@@ -81,6 +82,10 @@ def main() -> None:
         if engine.global_rank == 0:
             print(f"step {step} loss {loss.item():.4f}", flush=True)
     print(f"rank {engine.global_rank} checksum {_checksum(engine):.12e}", flush=True)
+    # Leave together: a rank whose process exits while a peer still exchanges with it can abort in gloo's
+    # teardown ("terminate called without an active exception").
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
