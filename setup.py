@@ -11,7 +11,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["mgup_dist", "mgup_dist.*", "launch", "launch.*"]),
-    package_data={"mgup_dist.native": ["*.c"]},
+    package_data={"mgup_dist.native": ["*.c", "*.h"]},
     install_requires=[TORCH, "numpy", "tqdm", "matplotlib"],
     extras_require={
         "deepspeed": [TORCH, "deepspeed==0.19.8"],

@@ -1,12 +1,14 @@
-"""Native CPU kernels (`select_kernels.c`) for MGUP's selection, built with the system C compiler on first use.
+"""Native CPU kernels (`select_kernels.c`: MGUP's selection; `update_kernels.c`: elementwise update steps), built
+with the system C compiler on first use.
 
 `library()` returns the loaded `ctypes.CDLL`, or None when the kernels are unavailable; callers then take the
 portable numpy/torch path, which gives bit-identical masks. The build runs once per machine and source version:
-``$CC`` (default ``cc``) compiles the file with ``-O3 -ffp-contract=off`` (no FMA contraction, so an element's
-arithmetic never depends on its position) and ``-fopenmp`` (torch is imported first, so the library binds to
+``$CC`` (default ``cc``) compiles the sources into one library with ``-O3 -ffp-contract=off`` (no FMA
+contraction, so an element's arithmetic never depends on its position), ``-fno-math-errno`` (so ``sqrtf`` is the
+vector instruction; the kernels never read errno) and ``-fopenmp`` (torch is imported first, so the library binds to
 the libgomp torch loaded and its parallel passes run on torch's intra-op thread team), plus ``-mavx2 -mfma`` on x86 CPUs where torch dispatches to AVX2 or
 AVX-512 (`isa_flags`), into ``<cache>/mgup_dist/native-<hash>/``, where ``<cache>`` is
-``$MGUP_DIST_CACHE``, else ``$XDG_CACHE_HOME``, else ``~/.cache``, and ``<hash>`` covers the source, the flags,
+``$MGUP_DIST_CACHE``, else ``$XDG_CACHE_HOME``, else ``~/.cache``, and ``<hash>`` covers the sources and header, the flags,
 the compiler and the machine type. Each process compiles into a private temporary file and renames it into
 place, so concurrent ranks or test workers never load a half-written library.
 
@@ -30,17 +32,19 @@ import torch
 
 logger = logging.getLogger("mgup_dist.native")
 
-SOURCE = Path(__file__).with_name("select_kernels.c")
-FLAGS = ("-O3", "-fPIC", "-shared", "-std=c11", "-ffp-contract=off", "-fopenmp")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("select_kernels.c", "update_kernels.c"))
+HEADER = Path(__file__).with_name("kernels.h")
+FLAGS = ("-O3", "-fPIC", "-shared", "-std=c11", "-ffp-contract=off", "-fno-math-errno", "-fopenmp")
 MODES = ("auto", "0", "1")
 
 _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 SIGNATURES = {
-    "mgup_count_band": (None, [_ptr, _ptr, _i64, _f32, _f32, _ptr, _ptr, _i64, _ptr, _ptr, _i64]),
+    "mgup_count_band": (None, [_ptr, _ptr, _ptr, _f32, _ptr, _i64, _f32, _f32, _ptr, _ptr, _i64, _ptr, _ptr, _i64]),
     "mgup_fill_mask": (None, [_ptr, _ptr, _i64, _f32, _i64, _ptr, _i64]),
     "mgup_locate_ties": (_i64, [_ptr, _ptr, _i64, _f32, _i64, _ptr]),
     "mgup_mark_ties": (_i64, [_ptr, _ptr, _i64, _f32, _i64, _ptr]),
     "mgup_masked_update": (None, [_ptr, _ptr, _ptr, _i64, _f32, _f32, _f32, _i64]),
+    "mgup_adam_direction": (None, [_ptr, _ptr, _i64, _f32, _ptr, _i64]),
     "mgup_order_statistic": (_f32, [_ptr, _i64, _i64]),
     "mgup_topk_small": (_i64, [_ptr, _ptr, _i64, _i64, _ptr, _ptr]),
     "mgup_settle_band": (None, [_ptr, _ptr, _i64, _f32, _i64, _ptr]),
@@ -81,12 +85,12 @@ def _compiler() -> str:
 
 
 def build(target_dir: Path | None = None) -> Path:
-    """Compile `SOURCE` (unless already built) and return the library's path. `NativeUnavailableError` when
+    """Compile `SOURCES` (unless already built) and return the library's path. `NativeUnavailableError` when
     the compiler is missing or fails (its output is in the message)."""
     compiler = _compiler()
     flags = (*FLAGS, *isa_flags())
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), compiler.encode(), platform.machine().encode()]))
+    texts = [path.read_bytes() for path in (*SOURCES, HEADER)]
+    key = hashlib.sha256(b"\0".join([*texts, " ".join(flags).encode(), compiler.encode(), platform.machine().encode()]))
     directory = (target_dir or cache_dir()) / f"native-{key.hexdigest()[:16]}"
     library = directory / "libmgup_select.so"
     if library.exists():
@@ -96,10 +100,11 @@ def build(target_dir: Path | None = None) -> Path:
     os.close(handle)
     try:
         result = subprocess.run(
-            [compiler, *flags, "-o", temporary, str(SOURCE), "-lm"], capture_output=True, text=True, check=False
+            [compiler, *flags, "-o", temporary, *map(str, SOURCES), "-lm"], capture_output=True, text=True, check=False
         )
         if result.returncode != 0:
-            raise NativeUnavailableError(f"{compiler} failed to build {SOURCE.name}:\n{result.stderr.strip()}")
+            names = ", ".join(path.name for path in SOURCES)
+            raise NativeUnavailableError(f"{compiler} failed to build {names}:\n{result.stderr.strip()}")
         os.replace(temporary, library)
     finally:
         if os.path.exists(temporary):

@@ -1,7 +1,8 @@
-"""Python side of the native selection kernels: ranges split over threads, results combined in index order.
+"""Python side of the native kernels: ranges split over threads, results combined in index order.
 
 Arrays are 1-D C-contiguous numpy views of CPU tensors: scores ``a`` (float32), with ``b`` (float32, same length)
-when the scores are the products ``a·b`` (see `mgup_dist.rules.requests.ScoreProduct`), masks bool. Callers
+when the scores are the products ``a·b`` (see `mgup_dist.rules.requests.ScoreProduct`), masks bool. A counting
+pass may also form an Adam direction ``u = a/(sqrt(v) + eps)`` and count the scores ``u·b`` (a `Quotient`). Callers
 check dtypes and lengths; these functions only require `mgup_dist.native.library()` to be loaded. Passes
 over whole tensors split into `mgup_dist.native.threads.parts` ranges that torch's OpenMP team runs; results
 never depend on the thread count.
@@ -35,6 +36,15 @@ class Counts(NamedTuple):
     where: np.ndarray
 
 
+class Quotient(NamedTuple):
+    """The Adam direction a counting pass forms from its ``a`` (the first moment): ``u = a/(sqrt(v) + eps)``
+    into ``u``, bit for bit `adam_direction`; ``v`` and ``u`` are float32 of ``a``'s length."""
+
+    v: np.ndarray
+    eps: float
+    u: np.ndarray
+
+
 _DTYPES = (torch.float32, torch.bool)
 
 
@@ -65,20 +75,24 @@ def _address(array: np.ndarray | None, offset: int = 0, itemsize: int = FLOAT) -
 
 
 def count_band(
-    a: np.ndarray, b: np.ndarray | None, lower: float, upper: float, collect: bool, mask: np.ndarray | None = None
+    a: np.ndarray, b: np.ndarray | None, lower: float, upper: float, collect: bool, mask: np.ndarray | None = None,
+    quotient: Quotient | None = None,
 ) -> Counts:
     """One pass over the scores counting those above ``upper`` and in ``(lower, upper]`` (collected into
     ``band`` when ``collect``) and the non-finite ones. With a bool ``mask`` (the scores' length) the pass also
     writes ``mask = s > upper`` and, when collecting, the band's positions into ``where``: the mask is then
-    exact everywhere but at those positions."""
+    exact everywhere but at those positions. With a ``quotient`` (and ``b``) the scores are ``u·b`` for the
+    direction ``u`` the pass forms from ``a`` (see `Quotient`)."""
+    v, eps, u = quotient if quotient is not None else (None, 0.0, None)
     n, count = len(a), parts(len(a))
     capacity = n // count // _BAND_SHARE + _BAND_MIN if collect else 0
     while True:
         band = _workspace("band", capacity * count, np.float32) if collect else None
         where = _workspace("where", capacity * count, np.int64) if collect and mask is not None else None
         out = np.zeros((count, 4), dtype=np.int64)
-        library().mgup_count_band(_address(a), _address(b), n, lower, upper, _address(band), _address(where, 0, 8),
-                                  capacity, _address(mask, 0, 1), _address(out, 0, 8), count)
+        library().mgup_count_band(_address(a), _address(b), _address(v), eps, _address(u), n, lower, upper,
+                                  _address(band), _address(where, 0, 8), capacity, _address(mask, 0, 1),
+                                  _address(out, 0, 8), count)
         if not collect or out[:, 3].max() <= capacity:
             break
         capacity = int(out[:, 3].max())  # rare: a band wider than the guess; collect it again, whole
@@ -117,6 +131,12 @@ def masked_update(param: np.ndarray, direction: np.ndarray, mask: np.ndarray, hi
     mask), each product rounded to float32 and the update fused (see ``mgup_masked_update``)."""
     library().mgup_masked_update(_address(param), _address(direction), _address(mask, 0, 1), len(param), high, low,
                                  alpha, parts(len(param)))
+
+
+def adam_direction(m: np.ndarray, v: np.ndarray, eps: float, u: np.ndarray) -> None:
+    """``u = m/(sqrt(v) + eps)`` (float32 arrays of one length; ``u`` may be ``m`` or ``v``), each operation
+    correctly rounded to float32 (bit for bit numpy's ``sqrt``, then torch's ``add_`` and ``div``)."""
+    library().mgup_adam_direction(_address(m), _address(v), len(m), eps, _address(u), parts(len(m)))
 
 
 def settle_band(counts: Counts, value: float, r: int, mask: np.ndarray) -> None:

@@ -1,10 +1,13 @@
-/* Native CPU kernels for MGUP's exact top-k selection and masked update (float32, contiguous).
+/* Native CPU kernels for MGUP's exact top-k selection (float32, contiguous).
  *
- * Loaded through ctypes by mgup_dist/ops/native/__init__.py, which builds this file with the system C compiler
- * on first use; mgup_dist/ops/native/kernels.py holds the Python side (argument checks, threads). Every kernel
- * works on one index range and keeps no state, so ranges run on concurrent threads; ctypes releases the GIL.
+ * Loaded through ctypes by mgup_dist/native/__init__.py, which builds this file (with update_kernels.c) with the
+ * system C compiler on first use; mgup_dist/native/kernels.py holds the Python side (argument checks, threads).
+ * Every kernel works on one index range and keeps no state, so ranges run on concurrent threads; ctypes releases
+ * the GIL.
  *
  * A score is a[i]*b[i] rounded to float32 (the MGUP alignment direction * gradient), or a[i] when b is NULL.
+ * The first counting pass of an Adam rule may also form the direction itself: a[i] is then the first moment m,
+ * and the direction adam_quotient(m, v, eps) is written to u as the scores are counted.
  * Every element gets the same float operations whatever its position (no reassociation, no FMA contraction:
  * built with -ffp-contract=off), so results do not depend on how a tensor is split into ranges or shards.
  * The loader adds -mavx2 -mfma where torch reports AVX2 or better, so the loops vectorise to 256 bits and fmaf
@@ -14,6 +17,8 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "kernels.h"
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -41,10 +46,13 @@ static inline int64_t collect_band(const float *x, int64_t m, float lower, float
     int64_t count = 0, i = 0;
 #if defined(__AVX2__)
     const __m256 low = _mm256_set1_ps(lower), high = _mm256_set1_ps(upper);
-    for (; i + 8 <= m; i += 8) { /* eight at a time; the rare hits are picked from the comparison's bits */
-        __m256 v = _mm256_loadu_ps(x + i);
-        __m256 inside = _mm256_and_ps(_mm256_cmp_ps(v, low, _CMP_GT_OQ), _mm256_cmp_ps(v, high, _CMP_LE_OQ));
-        unsigned bits = (unsigned)_mm256_movemask_ps(inside);
+    for (; i + 32 <= m; i += 32) { /* 32 at a time; the rare hits are picked from the comparisons' bits */
+        uint32_t bits = 0;
+        for (int lane = 0; lane < 4; lane++) {
+            __m256 v = _mm256_loadu_ps(x + i + 8 * lane);
+            __m256 inside = _mm256_and_ps(_mm256_cmp_ps(v, low, _CMP_GT_OQ), _mm256_cmp_ps(v, high, _CMP_LE_OQ));
+            bits |= (uint32_t)_mm256_movemask_ps(inside) << (8 * lane);
+        }
         while (bits) {
             int j = __builtin_ctz(bits);
             kept[count] = x[i + j];
@@ -61,16 +69,34 @@ static inline int64_t collect_band(const float *x, int64_t m, float lower, float
     return count;
 }
 
-/* One fused loop over a block: its scores (a*b when product, else a) into s, flags = s > upper, and the
- * counts above upper, above lower and non-finite. Specialised on product by inlining. */
-static inline __attribute__((always_inline)) void score_block(const float *a, const float *b, int product,
-                                                              int64_t m, float lower, float upper, float *s,
-                                                              uint8_t *flags, int32_t *over_upper,
-                                                              int32_t *over_lower, int32_t *bad)
+/* How a counting pass gets its scores: a[i], a[i]*b[i], or adam_quotient(a[i], v[i], eps)*b[i] with the
+ * quotient also written to u[i]. */
+enum score_mode { SCORES, PRODUCT, QUOTIENT };
+
+/* The Adam direction the QUOTIENT mode forms while counting (NULL fields otherwise). */
+struct quotient {
+    const float *v;
+    float eps;
+    float *u;
+};
+
+/* One fused loop over a block: its scores into s, flags = s > upper, and the counts above upper, above lower
+ * and non-finite. Specialised on mode by inlining. */
+static inline __attribute__((always_inline)) void score_block(const float *a, const float *b, struct quotient q,
+                                                              enum score_mode mode, int64_t m, float lower,
+                                                              float upper, float *s, uint8_t *flags,
+                                                              int32_t *over_upper, int32_t *over_lower, int32_t *bad)
 {
     int32_t high_count = 0, low_count = 0, bad_count = 0;
     for (int64_t i = 0; i < m; i++) {
-        float v = product ? a[i] * b[i] : a[i];
+        float v;
+        if (mode == QUOTIENT) {
+            float u = adam_quotient(a[i], q.v[i], q.eps);
+            q.u[i] = u;
+            v = u * b[i];
+        } else {
+            v = mode == PRODUCT ? a[i] * b[i] : a[i];
+        }
         int high = v > upper;
         s[i] = v;
         flags[i] = (uint8_t)high;
@@ -87,8 +113,8 @@ static inline __attribute__((always_inline)) void score_block(const float *a, co
  * out[3] = how many band scores (lower < s <= upper) there are to write. When band is not NULL the first
  * min(out[3], capacity) of them go to band in index order, and their positions plus offset to where (when not
  * NULL). When mask is not NULL it gets s > upper (so False in the band, for the caller to settle). */
-static void count_band(const float *a, const float *b, int64_t n, int64_t offset, float lower, float upper,
-                       float *band, int64_t *where, int64_t capacity, uint8_t *mask, int64_t *out)
+static void count_band(const float *a, const float *b, struct quotient q, int64_t n, int64_t offset, float lower,
+                       float upper, float *band, int64_t *where, int64_t capacity, uint8_t *mask, int64_t *out)
 {
     float s[BLOCK], kept[BLOCK];
     int32_t at[BLOCK];
@@ -98,10 +124,15 @@ static void count_band(const float *a, const float *b, int64_t n, int64_t offset
         int64_t m = block_length(start, n);
         int32_t over_upper = 0, over_lower = 0, bad = 0;
         uint8_t *flags = mask != NULL ? mask + start : discard;
-        if (b != NULL)
-            score_block(a + start, b + start, 1, m, lower, upper, s, flags, &over_upper, &over_lower, &bad);
-        else
-            score_block(a + start, a + start, 0, m, lower, upper, s, flags, &over_upper, &over_lower, &bad);
+        if (q.v != NULL) {
+            struct quotient block = {q.v + start, q.eps, q.u + start};
+            score_block(a + start, b + start, block, QUOTIENT, m, lower, upper, s, flags, &over_upper, &over_lower,
+                        &bad);
+        } else if (b != NULL) {
+            score_block(a + start, b + start, q, PRODUCT, m, lower, upper, s, flags, &over_upper, &over_lower, &bad);
+        } else {
+            score_block(a + start, a + start, q, SCORES, m, lower, upper, s, flags, &over_upper, &over_lower, &bad);
+        }
         above += over_upper;
         inside += over_lower - over_upper;
         nonfinite += bad;
@@ -193,17 +224,6 @@ int64_t mgup_mark_ties(const float *a, const float *b, int64_t n, float value, i
     return marked;
 }
 
-/* param[i] <- fma(direction[i] * f_i, alpha, param[i]) with f_i = high where mask[i] else low: bit for bit
- * torch's param.add_(direction * where(mask, high, low), alpha=alpha) on CPUs with FMA. */
-static void masked_update(float *param, const float *direction, const uint8_t *mask, int64_t n, float high,
-                          float low, float alpha)
-{
-    for (int64_t i = 0; i < n; i++) {
-        float factor = mask[i] ? high : low;
-        param[i] = fmaf(direction[i] * factor, alpha, param[i]);
-    }
-}
-
 static inline uint32_t order_key(float x)
 {
     uint32_t bits;
@@ -287,20 +307,18 @@ void mgup_settle_band(const float *band, const int64_t *where, int64_t count, fl
     }
 }
 
-static inline int64_t part_start(int64_t n, int64_t part, int64_t parts)
-{
-    return n * part / parts; /* n < 2**55 and parts < 256: no overflow */
-}
-
 /* count_band over `parts` ranges: range t's counts go to out[4t..4t+3], its band to band[t*capacity...] and the
- * band's flat positions to where[t*capacity...] (where and mask may be NULL). */
-void mgup_count_band(const float *a, const float *b, int64_t n, float lower, float upper, float *band,
-                     int64_t *where, int64_t capacity, uint8_t *mask, int64_t *out, int64_t parts)
+ * band's flat positions to where[t*capacity...] (where and mask may be NULL). With v not NULL the pass is in
+ * QUOTIENT mode: a is m, b the gradient, and u receives the direction adam_quotient(m, v, eps). */
+void mgup_count_band(const float *a, const float *b, const float *v, float eps, float *u, int64_t n, float lower,
+                     float upper, float *band, int64_t *where, int64_t capacity, uint8_t *mask, int64_t *out,
+                     int64_t parts)
 {
 #pragma omp parallel for schedule(static) num_threads(parts) if (parts > 1)
     for (int64_t t = 0; t < parts; t++) {
         int64_t lo = part_start(n, t, parts), hi = part_start(n, t + 1, parts);
-        count_band(a + lo, b ? b + lo : NULL, hi - lo, lo, lower, upper, band ? band + t * capacity : NULL,
+        struct quotient q = {v ? v + lo : NULL, eps, u ? u + lo : NULL};
+        count_band(a + lo, b ? b + lo : NULL, q, hi - lo, lo, lower, upper, band ? band + t * capacity : NULL,
                    where ? where + t * capacity : NULL, capacity, mask ? mask + lo : NULL, out + 4 * t);
     }
 }
@@ -312,15 +330,5 @@ void mgup_fill_mask(const float *a, const float *b, int64_t n, float value, int6
     for (int64_t t = 0; t < parts; t++) {
         int64_t lo = part_start(n, t, parts), hi = part_start(n, t + 1, parts);
         fill_mask(a + lo, b ? b + lo : NULL, hi - lo, value, cut - lo, mask + lo);
-    }
-}
-
-void mgup_masked_update(float *param, const float *direction, const uint8_t *mask, int64_t n, float high,
-                        float low, float alpha, int64_t parts)
-{
-#pragma omp parallel for schedule(static) num_threads(parts) if (parts > 1)
-    for (int64_t t = 0; t < parts; t++) {
-        int64_t lo = part_start(n, t, parts), hi = part_start(n, t + 1, parts);
-        masked_update(param + lo, direction + lo, mask + lo, hi - lo, high, low, alpha);
     }
 }

@@ -42,6 +42,7 @@ import torch
 from mgup_dist import native
 from mgup_dist.native import kernels
 from mgup_dist.native.threads import map_ranges
+from mgup_dist.rules.adam_direction import AdamQuotient
 from mgup_dist.rules.requests import NonFiniteScoresError, ScoreProduct
 
 T = TypeVar("T")
@@ -298,8 +299,12 @@ def _check(scores: torch.Tensor, k: int, out: torch.Tensor | None) -> None:
         )
 
 
-def _native_mask(a: torch.Tensor, b: torch.Tensor | None, k: int, mask: torch.Tensor) -> torch.Tensor:
-    """`topk_mask` of the scores ``a`` (``a·b`` when ``b`` is given) through the native kernels.
+def _native_mask(
+    a: torch.Tensor, b: torch.Tensor | None, k: int, mask: torch.Tensor, quotient: AdamQuotient | None = None
+) -> torch.Tensor:
+    """`topk_mask` of the scores ``a`` (``a·b`` when ``b`` is given) through the native kernels. With a
+    ``quotient`` (`AdamQuotient.fusable`), ``a`` is its first moment and the scores are ``u·b`` for the direction
+    ``u`` that the first counting pass forms (small tensors form it first); afterwards ``(u, b)`` are the factors.
 
     No min/max reduction: the interval starts unbounded and every counting pass also checks for NaN and
     infinity. Each counting pass also writes the mask ``s > upper``, exact outside its band; when the k-th
@@ -308,15 +313,22 @@ def _native_mask(a: torch.Tensor, b: torch.Tensor | None, k: int, mask: torch.Te
     as its band (``upper`` is the k-th score), the first ``r`` ties are marked, reading up to the r-th. Otherwise
     (the loop ran out of floats) a tie search and a mask pass follow. Tensors too small to sample take one
     native call (`kernels.topk_small`)."""
-    av, bv, out = a.detach().numpy(), None if b is None else b.detach().numpy(), mask.numpy()
-    n, last = len(av), []
+    n = a.numel()
+    if quotient is not None and (n < SAMPLE_FROM or k in (0, n)):
+        a, quotient = quotient.form(), None
+    factors = [a.detach().numpy(), None if b is None else b.detach().numpy(), quotient]
+    out, last = mask.numpy(), []
 
     def count(lower: float, upper: float) -> tuple[int, int, np.ndarray]:
-        counts = kernels.count_band(av, bv, lower, upper, lower != float_below(upper), mask=out)
+        av, bv, fused = factors
+        counts = kernels.count_band(av, bv, lower, upper, lower != float_below(upper), out, fused and fused.operands())
+        if fused is not None:
+            factors[0], factors[2], fused.formed = fused.out.numpy(), None, True
         require_finite(counts.nonfinite)
         last[:] = [(lower, upper, counts)]
         return counts.above_upper + counts.inside, counts.above_upper, counts.band
 
+    av, bv = factors[:2]
     if n == 0:
         return mask
     if k in (0, n):
@@ -325,9 +337,10 @@ def _native_mask(a: torch.Tensor, b: torch.Tensor | None, k: int, mask: torch.Te
     if n < SAMPLE_FROM:
         require_finite(kernels.topk_small(av, bv, k, out))
         return mask
-    pool = _sample(av, NATIVE_DENSITY)
+    pool = _sample(av, NATIVE_DENSITY) if quotient is None else _sampled_quotient(quotient)
     pool = pool if bv is None else pool * _sample(bv, NATIVE_DENSITY)
     threshold = search_threshold(count, pool, _Interval(-math.inf, math.inf, n, 0), k)
+    av = factors[0]
     lower, upper, counts = last[0]
     r = k - threshold.above
     if lower < threshold.value <= upper and counts.inside and len(counts.where) == counts.inside:
@@ -341,8 +354,16 @@ def _native_mask(a: torch.Tensor, b: torch.Tensor | None, k: int, mask: torch.Te
     return mask
 
 
+def _sampled_quotient(quotient: AdamQuotient) -> np.ndarray:
+    """The direction at `_sample`'s positions (``NATIVE_DENSITY``), formed from the sampled moments."""
+    first, second = (_sample(t.detach().numpy(), NATIVE_DENSITY) for t in (quotient.exp_avg, quotient.exp_avg_sq))
+    direction = np.ascontiguousarray(first)
+    kernels.adam_direction(direction, np.ascontiguousarray(second), quotient.eps, direction)
+    return direction
+
+
 def topk_mask_of_product(
-    direction: torch.Tensor,
+    direction: torch.Tensor | AdamQuotient,
     grad: torch.Tensor,
     k: int,
     out: torch.Tensor | None = None,
@@ -350,11 +371,19 @@ def topk_mask_of_product(
 ) -> torch.Tensor:
     """`topk_mask` of the float32 scores ``direction ⊙ grad`` (1-D tensors of one length), computed without
     writing the scores to memory when the native kernels can read the operands (both float32); otherwise the
-    product is formed (`ScoreProduct.materialize`, into ``buffer`` when given) and passed to `topk_mask`."""
-    if direction.shape != grad.shape:
-        raise ValueError(f"score factors differ in shape: {tuple(direction.shape)} and {tuple(grad.shape)}")
+    product is formed (`ScoreProduct.materialize`, into ``buffer`` when given) and passed to `topk_mask`. An
+    `AdamQuotient` direction is formed by the first counting pass when `AdamQuotient.fusable`, else first."""
+    scores = ScoreProduct(direction, grad, buffer)
+    shape = direction.out.shape if isinstance(direction, AdamQuotient) else direction.shape
+    if shape != grad.shape:
+        raise ValueError(f"score factors differ in shape: {tuple(shape)} and {tuple(grad.shape)}")
+    if isinstance(direction, AdamQuotient) and direction.fusable(grad) and kernels.usable(out):
+        _check(direction.exp_avg, k, out)
+        mask = torch.empty(grad.numel(), dtype=torch.bool) if out is None else out
+        return _native_mask(direction.exp_avg, grad, k, mask, direction)
+    direction = scores.direction_tensor()
     if not kernels.usable(direction, grad, out) or direction.dtype != torch.float32 or grad.dtype != torch.float32:
-        return topk_mask(ScoreProduct(direction, grad, buffer).materialize(), k, out)
+        return topk_mask(scores.materialize(), k, out)
     _check(direction, k, out)
     mask = torch.empty(direction.numel(), dtype=torch.bool) if out is None else out
     return _native_mask(direction, grad, k, mask)

@@ -9,6 +9,7 @@ from typing import Any, Mapping
 
 import torch
 
+from mgup_dist.rules.adam_direction import AdamQuotient
 from mgup_dist.rules.driver import Rule
 from mgup_dist.rules.masks import alignment, dynamic_alpha, masked_step, mgup_selection
 from mgup_dist.rules.slot import Slot
@@ -35,47 +36,45 @@ def flavour_a_step_size(lr: float, beta1: float, beta2: float, step: int, correc
     return lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
 
 
-def adam_direction(
-    exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, eps: float, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``u = m/(sqrt(v) + ε)`` (not bias-corrected) in ``out`` (``exp_avg_sq``'s size and dtype), or in a fresh
-    tensor; the denominator is built there and divided into in place."""
-    denom = torch.sqrt(exp_avg_sq, out=out).add_(eps)
-    return torch.div(exp_avg, denom, out=denom)
-
-
-def _adam_moments_and_direction(
-    slot: Slot, hp: Mapping[str, Any], betas: tuple[float, float], eps: float
-) -> tuple[int, torch.Tensor, float]:
-    """Shared prologue: step count, decay, moments, direction u, and the flavour-A step size."""
+def _adam_moments(slot: Slot, hp: Mapping[str, Any], betas: tuple[float, float], eps: float) -> tuple[AdamQuotient, float]:
+    """Shared prologue: step count, decay, moments; the direction u (an `AdamQuotient`, formed on demand in the
+    slot's ``"direction"`` scratch) and the flavour-A step size."""
     step = slot.next_step()
     beta1, beta2 = betas
     exp_avg, exp_avg_sq = slot.buffer("exp_avg"), slot.buffer("exp_avg_sq")
     decay(slot.param, hp["lr"], hp["weight_decay"])
     update_moments(exp_avg, exp_avg_sq, slot.grad, beta1, beta2)
-    direction = adam_direction(exp_avg, exp_avg_sq, eps, out=slot.scratch("direction", exp_avg_sq.dtype))
-    step_size = flavour_a_step_size(hp["lr"], beta1, beta2, step, hp.get("correct_bias", True))
-    return step, direction, step_size
+    direction = AdamQuotient(exp_avg, exp_avg_sq, eps, slot.scratch("direction", exp_avg_sq.dtype))
+    return direction, flavour_a_step_size(hp["lr"], beta1, beta2, step, hp.get("correct_bias", True))
+
+
+def _adam_moments_and_direction(
+    slot: Slot, hp: Mapping[str, Any], betas: tuple[float, float], eps: float
+) -> tuple[torch.Tensor, float]:
+    """`_adam_moments` with the direction formed."""
+    direction, step_size = _adam_moments(slot, hp, betas, eps)
+    return direction.form(), step_size
 
 
 def adamw(slot: Slot, hp: Mapping[str, Any], betas_key: str = "betas", eps_key: str = "eps") -> Rule:
     """Flavour-A AdamW: decay, moments, ``θ ← θ − step_size·u``. Also the AdamW path of the Muon family."""
-    _, direction, step_size = _adam_moments_and_direction(slot, hp, hp[betas_key], hp[eps_key])
+    direction, step_size = _adam_moments_and_direction(slot, hp, hp[betas_key], hp[eps_key])
     slot.param.add_(direction, alpha=-step_size)
     return
     yield  # a rule with no requests
 
 
 def mgup_adamw(slot: Slot, hp: Mapping[str, Any]) -> Rule:
-    """MGUP-AdamW (§2.3): the top ``mask_ratio`` of ``u ⊙ g`` scaled by α, the rest by γ."""
-    _, direction, step_size = _adam_moments_and_direction(slot, hp, hp["betas"], hp["eps"])
+    """MGUP-AdamW (§2.3): the top ``mask_ratio`` of ``u ⊙ g`` scaled by α, the rest by γ. The direction goes
+    to the selection unformed, so the native selection can form it in its first counting pass."""
+    direction, step_size = _adam_moments(slot, hp, hp["betas"], hp["eps"])
     selected = yield from mgup_selection(direction, slot.grad, slot.segment, hp, slot.scratch)
-    masked_step(slot.param, direction, selected, hp["alpha"], hp["gamma"], step_size)
+    masked_step(slot.param, direction.form(), selected, hp["alpha"], hp["gamma"], step_size)
 
 
 def cmgup_adamw(slot: Slot, hp: Mapping[str, Any]) -> Rule:
     """CMGUP-AdamW (§2.4): α where ``u ⊙ g ≥ 0``, γ elsewhere."""
-    _, direction, step_size = _adam_moments_and_direction(slot, hp, hp["betas"], hp["eps"])
+    direction, step_size = _adam_moments_and_direction(slot, hp, hp["betas"], hp["eps"])
     masked_step(slot.param, direction, alignment(direction, slot.grad, slot), hp["alpha"], hp["gamma"], step_size)
     return
     yield  # elementwise: no requests
@@ -85,7 +84,7 @@ def alpha_adam(slot: Slot, hp: Mapping[str, Any]) -> Rule:
     """AlphaAdam, the project definition (§3.2): alignment mask with dynamic factors 1/ā and ā."""
     from_momentum = hp["score_source"] == "momentum"
     aligned = alignment(slot.buffer("exp_avg"), slot.grad, slot) if from_momentum else None
-    _, direction, step_size = _adam_moments_and_direction(slot, hp, hp["betas"], hp["eps"])
+    direction, step_size = _adam_moments_and_direction(slot, hp, hp["betas"], hp["eps"])
     if aligned is None:
         aligned = alignment(direction, slot.grad, slot)
     alpha_bar = yield from dynamic_alpha(aligned, slot, hp)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mgup_dist.rules.adam_direction import AdamQuotient
 from mgup_dist.shard.segment import Segment
 
 
@@ -32,19 +33,25 @@ class TensorSum:
 @dataclass(frozen=True)
 class ScoreProduct:
     """Scores given by their factors: ``direction ⊙ grad`` rounded once to float32 (1-D tensors of one length,
-    any float dtypes, converted to float32 first). Implementations that can read the factors (the native CPU
-    selection) never write the scores; the rest call `TopKMask.score_tensor`, which forms them in ``buffer``
-    (a float32 tensor of the factors' length) when given."""
+    any float dtypes, converted to float32 first). ``direction`` may be an `AdamQuotient` not formed yet.
+    Implementations that can read the factors (the native CPU selection) never write the scores and may form
+    the quotient in their first pass; the rest call `TopKMask.score_tensor`, which forms the direction and the
+    scores (in ``buffer``, a float32 tensor of the factors' length, when given)."""
 
-    direction: torch.Tensor
+    direction: torch.Tensor | AdamQuotient
     grad: torch.Tensor
     buffer: torch.Tensor | None = None
 
+    def direction_tensor(self) -> torch.Tensor:
+        """The direction as a tensor (an `AdamQuotient` is formed first)."""
+        return self.direction.form() if isinstance(self.direction, AdamQuotient) else self.direction
+
     def materialize(self) -> torch.Tensor:
         """The float32 scores (in ``buffer`` when given)."""
-        if self.direction.dtype == torch.float32 and self.grad.dtype == torch.float32:
-            return torch.mul(self.direction, self.grad, out=self.buffer)
-        return torch.mul(self.direction.float(), self.grad.float(), out=self.buffer)
+        direction = self.direction_tensor()
+        if direction.dtype == torch.float32 and self.grad.dtype == torch.float32:
+            return torch.mul(direction, self.grad, out=self.buffer)
+        return torch.mul(direction.float(), self.grad.float(), out=self.buffer)
 
 
 @dataclass

@@ -27,15 +27,19 @@ Method (spec §6, "Exact distributed MGUP top-k"):
 The first all-reduce also carries, per request, a non-finite flag (so NaN/inf raises `NonFiniteScoresError`
 on every rank at the same point, without desynchronising collectives) and a "held whole" flag. A rank cannot
 tell from an empty segment whether another rank holds the whole tensor, so every selecting request has bins
-in that first all-reduce; the holder sends zeros there and answers with the local `topk_mask`, and once the
-flags are known every rank drops the request. Collective volume is independent of k and of tensor sizes: per
+in that first all-reduce; the holder sends zeros there, having answered before it with the local selection
+(`topk_mask_of_product` straight from a `ScoreProduct`'s factors, so the scores are never formed), which
+also tells it whether the scores are finite; once the flags are known every rank drops the request. A split
+tensor's flag comes from its top-byte histogram: non-finite keys fall in the two outer bins only, so the
+scores are scanned (one min/max reduction) only when those hold a key. Collective volume is independent of k and of tensor sizes: per
 round of ``R`` requests, at most 4 all-reduces (the first of ``2·R + 256·(requests with 0 < k < numel)``
 counts, the others of ``256·(split requests still open)``; int32 counts, int64 once a tensor has 2**31
 elements) and at most one all-gather of ``2·(requests whose threshold ties straddle the cut)`` int64 values.
 
-Local work on CPU runs on zero-copy numpy views (torch 2.13's CPU integer, comparison and masking kernels are
-several times slower): key, top-byte histogram, one compaction, then passes over the few candidates left,
-and one comparison pass for the mask.
+Local work for split tensors on CPU runs on zero-copy numpy views of the formed scores (torch 2.13's CPU
+integer, comparison and masking kernels are several times slower): key, top-byte histogram, one compaction,
+then passes over the few candidates left, and one comparison pass for the mask (into the request's ``out``).
+A rank forms no scores for a tensor of which it holds nothing.
 """
 from __future__ import annotations
 
@@ -45,8 +49,8 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 
-from mgup_dist.ops.select import locate_ties, topk_mask
-from mgup_dist.rules.requests import NonFiniteScoresError, TopKMask
+from mgup_dist.ops.select import locate_ties, topk_mask, topk_mask_of_product
+from mgup_dist.rules.requests import NonFiniteScoresError, ScoreProduct, TopKMask
 from mgup_dist.shard.collectives import Collectives
 
 Values = Union[np.ndarray, torch.Tensor]  # numpy view of a CPU tensor, or the (device) tensor itself
@@ -170,8 +174,9 @@ class _Selection:
         """The answer, given how many local threshold ties are selected (the first ones, in local flat order,
         which is global flat order restricted to this rank): ``>= T`` up to the cut after the last selected
         local tie, ``> T`` from there on."""
-        scores, threshold = self.request.scores, self.threshold
-        mask = torch.empty(scores.numel(), dtype=torch.bool, device=scores.device)
+        scores, threshold, mask = self.request.scores, self.threshold, self.request.out
+        if mask is None:
+            mask = torch.empty(scores.numel(), dtype=torch.bool, device=scores.device)
         values, out = _host(scores.detach()), _host(mask)
         cut = len(values)
         if self.ties is not None:
@@ -254,75 +259,140 @@ def _block_quotas(comm: Collectives, selections: Sequence[_Selection]) -> dict[_
 
 def _check(requests: Sequence[TopKMask]) -> None:
     for r in requests:
-        if r.scores.dtype != torch.float32:
-            raise TypeError(f"top-k scores of tensor {r.segment.index} must be float32, got {r.scores.dtype}")
-        if r.scores.dim() != 1 or r.scores.numel() != r.segment.length:
-            raise ValueError(
-                f"top-k scores of tensor {r.segment.index} have shape {tuple(r.scores.shape)}, expected "
-                f"({r.segment.length},) for segment [{r.segment.lo}, {r.segment.hi})"
-            )
+        scores = r.scores
+        if isinstance(scores, ScoreProduct) and isinstance(scores.direction, torch.Tensor):
+            operands = {"direction": scores.direction, "grad": scores.grad}
+        elif isinstance(scores, ScoreProduct):
+            operands = {"grad": scores.grad}
+        else:
+            operands = {"scores": scores}
+            if scores.dtype != torch.float32:
+                raise TypeError(f"top-k scores of tensor {r.segment.index} must be float32, got {scores.dtype}")
+        for name, tensor in operands.items():
+            if tensor.dim() != 1 or tensor.numel() != r.segment.length:
+                raise ValueError(
+                    f"top-k {name} of tensor {r.segment.index} have shape {tuple(tensor.shape)}, expected "
+                    f"({r.segment.length},) for segment [{r.segment.lo}, {r.segment.hi})"
+                )
         if isinstance(r.k, bool) or not isinstance(r.k, int) or not 0 <= r.k <= r.segment.numel:
             raise ValueError(f"k={r.k!r} outside [0, {r.segment.numel}] for tensor {r.segment.index}")
 
 
-def _nonfinite(scores: torch.Tensor) -> torch.Tensor:
-    """0-d bool: NaN or infinity in ``scores`` (one min/max reduction)."""
+def _device(request: TopKMask) -> torch.device:
+    scores = request.scores
+    return scores.grad.device if isinstance(scores, ScoreProduct) else scores.device
+
+
+def _whole_mask(request: TopKMask) -> torch.Tensor | None:
+    """The answer for a tensor this rank holds whole, by the local selection (into ``request.out`` when given),
+    or None when its scores are not finite. A `ScoreProduct` goes to `topk_mask_of_product` as its factors (the
+    native kernels then never write the scores, and form an unformed Adam direction in their first pass);
+    either selection checks finiteness itself."""
+    scores = request.scores
+    try:
+        if isinstance(scores, ScoreProduct):
+            return topk_mask_of_product(scores.direction, scores.grad, request.k, request.out, scores.buffer)
+        return topk_mask(request.score_tensor(), request.k, out=request.out)
+    except NonFiniteScoresError:
+        return None
+
+
+def _nonfinite(scores: torch.Tensor) -> bool:
+    """NaN or infinity in ``scores`` (one min/max reduction)."""
     if scores.numel() == 0:
-        return torch.zeros((), dtype=torch.bool, device=scores.device)
-    return torch.stack(torch.aminmax(scores)).isfinite().all().logical_not()
+        return False
+    return not bool(torch.stack(torch.aminmax(scores)).isfinite().all())
+
+
+def _histogram_nonfinite(selection: _Selection, histogram: torch.Tensor) -> bool:
+    """NaN or infinity among a selection's scores, given the top-byte ``histogram`` of their keys: non-finite
+    floats fall in the outer bins only (0: -inf and negative NaNs, 255: +inf and positive NaNs), so the scores
+    are scanned only when one of those holds a key (a finite ``|s| >= 2**127`` would too)."""
+    if int(histogram[0]) == 0 and int(histogram[_BINS - 1]) == 0:
+        return False
+    return _nonfinite(selection.request.scores)
+
+
+def _local_flag(request: TopKMask, selection: _Selection | None, histogram: torch.Tensor | None,
+                answers: dict[int, torch.Tensor | None], i: int) -> bool:
+    """Whether request ``i``'s local scores hold NaN or infinity."""
+    if i in answers:
+        return answers[i] is None
+    if request.segment.length == 0:
+        return False
+    if selection is not None:
+        return _histogram_nonfinite(selection, histogram)
+    return _nonfinite(request.score_tensor())
 
 
 def _first_pass(
-    comm: Collectives, requests: Sequence[TopKMask], selections: dict[int, _Selection], dtype: torch.dtype
+    comm: Collectives,
+    requests: Sequence[TopKMask],
+    selections: dict[int, _Selection],
+    answers: dict[int, torch.Tensor | None],
+    dtype: torch.dtype,
 ) -> list[_Selection]:
     """The first all-reduce: per request (non-finite, held whole) flags, then the top-byte histograms of the
-    selecting requests (zeros where this rank holds the tensor whole: it answers locally). Raises
-    `NonFiniteScoresError` on every rank if any rank saw NaN/inf; returns the selections of split tensors,
-    advanced by their histograms."""
-    device = requests[0].scores.device
-    nonfinite = torch.stack([_nonfinite(r.scores) for r in requests]).to(dtype)
-    whole = torch.tensor([r.segment.is_whole for r in requests], dtype=dtype, device=device)
+    selecting requests (zeros where this rank holds nothing or the whole tensor: ``answers`` has its local
+    answer, None for non-finite scores). Raises `NonFiniteScoresError` on every rank if any rank saw NaN/inf.
+    Returns the selections of split tensors, advanced by their histograms; ``selections`` gains those of the
+    split tensors of which this rank holds nothing."""
     selecting = [i for i, r in enumerate(requests) if 0 < r.k < r.segment.numel]
-    zeros = torch.zeros(_BINS, dtype=dtype, device=device)
-    hists = [selections[i].histogram().to(dtype) if i in selections else zeros for i in selecting]
-    reduced = comm.all_reduce(torch.cat([torch.stack([nonfinite, whole], 1).view(-1), *hists]))
-    header = reduced[: 2 * len(requests)].view(-1, 2).tolist()
+    local = {i: s.histogram() for i, s in selections.items()}
+    flags = []
+    for i, r in enumerate(requests):
+        flags += [_local_flag(r, selections.get(i), local.get(i), answers, i), r.segment.is_whole]
+    sent = torch.zeros(len(flags) + _BINS * len(selecting), dtype=dtype, device=_device(requests[0]))
+    sent[: len(flags)] = torch.tensor(flags, dtype=dtype)
+    rows = sent[len(flags) :].view(len(selecting), _BINS)
+    for row, i in enumerate(selecting):
+        if i in local:
+            rows[row] = local[i]
+    reduced = comm.all_reduce(sent)
+    header = reduced[: len(flags)].view(-1, 2).tolist()
     bad = [r.segment.index for r, (flag, _) in zip(requests, header) if flag]
     if bad:
         raise NonFiniteScoresError(f"MGUP mask scores of tensors {bad} contain NaN or infinity (non-finite gradient?)")
-    rows = reduced[2 * len(requests) :].view(len(selecting), _BINS)
-    split = [(selections[i], row) for i, row in zip(selecting, rows) if not header[i][1]]
-    _advance([s for s, _ in split], torch.stack([row for _, row in split]) if split else rows[:0])
-    return [s for s, _ in split]
+    rows = reduced[len(flags) :].view(len(selecting), _BINS)
+    split = [(i, row) for i, row in zip(selecting, rows) if not header[i][1]]
+    for i, _ in split:
+        if i not in selections:  # nothing held here: an empty selection keeps this rank in the passes
+            requests[i].score_tensor()
+            selections[i] = _Selection(requests[i])
+            selections[i].histogram()  # (empty) digits for `advance`
+    _advance([selections[i] for i, _ in split], torch.stack([row for _, row in split]) if split else rows[:0])
+    return [selections[i] for i, _ in split]
 
 
 def _answer(request: TopKMask, selection: _Selection | None, quotas: dict[_Selection, int]) -> torch.Tensor:
-    if request.segment.is_whole:
-        return topk_mask(request.scores, request.k)
-    if selection is None or request.segment.length == 0:  # k = 0 or numel, or nothing held here
-        return torch.full_like(request.scores, request.k == request.segment.numel, dtype=torch.bool)
+    length = request.segment.length
+    if selection is None or length == 0:  # k = 0 or numel, or nothing held here
+        return torch.full((length,), request.k == request.segment.numel, dtype=torch.bool, device=_device(request))
     return selection.mask(quotas.get(selection, 0))
 
 
 def topk_masks(comm: Collectives, requests: Sequence[TopKMask]) -> list[torch.Tensor]:
     """Bool masks answering ``requests`` (see `TopKMask`); collective over ``comm``'s group.
 
-    A rank holding a request's tensor whole answers it with the local `topk_mask`; the others take part in
-    the radix passes of the split tensors. Request lists that differ between ranks desynchronise the group.
-    Scores given as a `ScoreProduct` are formed first (`TopKMask.score_tensor`).
+    A rank holding a request's tensor whole answers it with the local selection (`topk_mask`, or
+    `topk_mask_of_product` for scores given as a `ScoreProduct`, which are then never formed) before
+    the first all-reduce; the others take part in the radix passes of the split tensors, whose local scores are
+    formed (`TopKMask.score_tensor`) where this rank holds some. Request lists that differ between ranks
+    desynchronise the group.
     """
-    for request in requests:
-        request.score_tensor()
     _check(requests)
     if not requests:
         return []
+    answers = {i: _whole_mask(r) for i, r in enumerate(requests) if r.segment.is_whole}
     dtype = torch.int64 if max(r.segment.numel for r in requests) >= 2**31 else torch.int32
-    selections = {
-        i: _Selection(r) for i, r in enumerate(requests) if 0 < r.k < r.segment.numel and not r.segment.is_whole
-    }
-    split = _first_pass(comm, requests, selections, dtype)
+    selections = {}
+    for i, r in enumerate(requests):
+        if 0 < r.k < r.segment.numel and 0 < r.segment.length < r.segment.numel:
+            r.score_tensor()
+            selections[i] = _Selection(r)
+    split = _first_pass(comm, requests, selections, answers, dtype)
     _finish(comm, split, dtype)
     tied = [s for s in split if s.ties is not None]
     quotas = _tie_quotas(comm, [s for s in tied if s.request.segment.block is None])
     quotas.update(_block_quotas(comm, [s for s in tied if s.request.segment.block is not None]))
-    return [_answer(r, selections.get(i), quotas) for i, r in enumerate(requests)]
+    return [answers[i] if i in answers else _answer(r, selections.get(i), quotas) for i, r in enumerate(requests)]

@@ -163,3 +163,41 @@ def test_settle_band_after_a_masked_count() -> None:
     expected = s > value
     expected[ties[:r]] = True
     assert np.array_equal(mask, expected)
+
+
+def moments(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A first moment and a non-negative second moment with zeros, subnormals, huge and tiny values."""
+    rng = np.random.default_rng(seed)
+    m = rng.standard_normal(n).astype(np.float32)
+    v = (rng.random(n) ** 4).astype(np.float32)
+    v[::5], v[1::11], v[2::13] = 0.0, np.float32(1e-41), np.float32(3e38)
+    m[3::17] = 0.0
+    return m, v
+
+
+def quotient_reference(m: np.ndarray, v: np.ndarray, eps: float) -> np.ndarray:
+    """IEEE float32 sqrt, then torch's add of the float eps and its float32 division."""
+    return torch.div(torch.from_numpy(m), torch.from_numpy(np.sqrt(v)).add_(eps)).numpy()
+
+
+@pytest.mark.parametrize("eps", [1e-8, 1e-6, 0.0])
+def test_adam_direction_is_the_correctly_rounded_quotient(eps: float) -> None:
+    m, v = moments(100_003, seed=5)
+    u = np.empty_like(m)
+    kernels.adam_direction(m, v, eps, u)
+    assert np.array_equal(u, quotient_reference(m, v, eps), equal_nan=True)
+    kernels.adam_direction(m, v, eps, v)  # in place over v
+    assert np.array_equal(v, u, equal_nan=True)
+
+
+def test_count_band_forms_the_quotient_while_counting() -> None:
+    m, v = moments(100_003, seed=6)
+    g = np.random.default_rng(7).standard_normal(len(m)).astype(np.float32)
+    u, mask, plain_mask = np.full_like(m, np.nan), np.zeros(len(m), bool), np.zeros(len(m), bool)
+    direction = quotient_reference(m, v, 1e-8)
+    fused = kernels.count_band(m, g, -0.5, 0.25, True, mask, kernels.Quotient(v, 1e-8, u))
+    plain = kernels.count_band(direction, g, -0.5, 0.25, True, plain_mask)
+    assert np.array_equal(u, direction)
+    assert np.array_equal(mask, plain_mask)
+    assert fused[:3] == plain[:3]
+    assert np.array_equal(fused.band, plain.band) and np.array_equal(fused.where, plain.where)

@@ -61,7 +61,7 @@ def test_auto_without_a_compiler_warns_and_falls_back(
 def test_compiler_errors_are_reported(fresh: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     broken = tmp_path / "broken.c"
     broken.write_text("this is not C\n")
-    monkeypatch.setattr(native, "SOURCE", broken)
+    monkeypatch.setattr(native, "SOURCES", (broken,))
     with pytest.raises(native.NativeUnavailableError, match="failed to build broken.c"):
         native.build()
     assert not list(fresh.glob("mgup_dist/native-*/*.so"))

@@ -1,6 +1,6 @@
 """The native selection path of `mgup_dist.ops.select` (``MGUP_DIST_NATIVE=1``: the test fails, never falls back,
 when the kernels cannot be built) against the sort oracle of `tests.ops.test_select`: materialised scores and
-scores given as products, every distribution and the k's at the edges of the largest block of ties, several
+scores given as products (and as an Adam quotient the first pass forms), every distribution and the k's at the edges of the largest block of ties, several
 threads, bands wider than the first buffer guess, misleading samples, and non-finite scores."""
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from mgup_dist.native import kernels, threads
 from mgup_dist.ops import select
 from mgup_dist.ops.select import topk_mask, topk_mask_of_product
+from mgup_dist.rules.adam_direction import AdamQuotient, adam_direction
 from mgup_dist.rules.requests import NonFiniteScoresError
 from tests.ops.test_select import DISTRIBUTIONS, k_values, make_scores, oracle_mask
 
@@ -114,3 +115,45 @@ def test_non_float32_factors_take_the_product_path() -> None:
     direction, grad = factors("products", 3000, seed=9)
     mask = topk_mask_of_product(direction.bfloat16(), grad.double(), 1000)
     assert torch.equal(mask, oracle_mask(direction.bfloat16().float() * grad.double().float(), 1000))
+
+
+def quotient_factors(kind: str, n: int, seed: int) -> tuple[AdamQuotient, torch.Tensor, torch.Tensor]:
+    """An unformed `AdamQuotient` whose scores u·g have ``kind``'s character (g from `factors`), the gradient,
+    and the direction formed independently."""
+    grad, other = factors(kind, n, seed)
+    gen = torch.Generator().manual_seed(seed)
+    second = torch.rand(n, generator=gen) ** 2
+    second[::7] = 0.0
+    first = other * torch.rand(n, generator=gen)
+    expected = adam_direction(first, second, 1e-8)
+    return AdamQuotient(first, second, 1e-8, torch.full((n,), float("nan"))), grad, expected
+
+
+@pytest.mark.parametrize("kind", ["products", "zeros", "signed_zeros", "block", "spikes"])
+@pytest.mark.parametrize("n", [100, select.SAMPLE_FROM - 1, 50_000, 300_007])
+def test_quotient_formed_by_the_first_pass(kind: str, n: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(threads, "workers", lambda: 3)
+    monkeypatch.setattr(threads, "RANGE", 20_000)
+    _, grad, direction = quotient_factors(kind, n, seed=n)
+    for k in k_values(n, direction * grad, seed=n):
+        quotient = quotient_factors(kind, n, seed=n)[0]
+        assert quotient.fusable(grad)
+        mask = topk_mask_of_product(quotient, grad, k)
+        assert quotient.formed and torch.equal(quotient.out, direction)
+        assert torch.equal(mask, oracle_mask(direction * grad, k))
+
+
+def test_quotient_that_cannot_fuse_is_formed_first() -> None:
+    quotient, grad, direction = quotient_factors("products", 40_000, seed=1)
+    mask = topk_mask_of_product(quotient, grad.double(), 777)
+    assert quotient.formed and torch.equal(quotient.out, direction)
+    assert torch.equal(mask, oracle_mask(direction * grad, 777))
+    with pytest.raises(ValueError, match="shape"):
+        topk_mask_of_product(quotient_factors("products", 100, seed=2)[0], grad, 5)
+
+
+def test_quotient_with_non_finite_direction_raises() -> None:
+    quotient, grad, _ = quotient_factors("products", 50_000, seed=3)
+    quotient.exp_avg_sq[123] = -1.0  # sqrt of a negative: NaN
+    with pytest.raises(NonFiniteScoresError):
+        topk_mask_of_product(quotient, grad + 1, 1000)

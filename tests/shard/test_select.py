@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mgup_dist.ops.select import topk_mask
-from mgup_dist.rules.requests import NonFiniteScoresError, TopKMask
+from mgup_dist.rules.requests import NonFiniteScoresError, ScoreProduct, TopKMask
 from mgup_dist.shard.collectives import Collectives
 from mgup_dist.shard.layout import ShardLayout
 from mgup_dist.shard.segment import Segment
@@ -202,3 +202,92 @@ def test_order_keys_match_the_spec_unsigned_encoding() -> None:
         bits = struct.unpack("<I", struct.pack("<f", value + 0.0))[0]
         unsigned = bits | 0x80000000 if value + 0.0 >= 0 else ~bits & 0xFFFFFFFF
         assert int(order_keys(torch.tensor([value]))) + 2**31 == unsigned
+
+
+# Scores given as a `ScoreProduct`: the holder of a whole tensor selects from the factors (never forming the
+# product), split tensors form it; non-finite values reach every rank either way.
+
+PRODUCT_SIZES = [5000, 20_000, 20_000, 3000, 20_000]
+PRODUCT_BOUNDS = [  # per tensor, (rank 0, rank 1): whole on 0, whole on 1, split, split, whole on 1 with k = 0
+    [(0, 5000), (0, 0)], [(0, 0), (0, 20_000)], [(7000, 20_000), (0, 7000)], [(0, 1500), (1500, 3000)],
+    [(20_000, 20_000), (0, 20_000)],
+]
+POISONS = [("none", -1, 0.0), ("nan", 1, math.nan), ("-nan", 2, -math.nan), ("inf", 2, math.inf),
+           ("-inf", 0, -math.inf), ("inf at k=0", 4, math.inf), ("huge", 2, 3.0e38), ("-huge", 3, -3.0e38)]
+
+
+def _factors(index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(index)
+    n = PRODUCT_SIZES[index]
+    grad = torch.randn(n, generator=gen)
+    return grad + torch.randn(n, generator=gen), grad  # direction, grad
+
+
+def _poisoned_factors(poison: tuple[str, int, float]) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    """Every tensor's full (direction, grad, k); the poisoned tensor's direction holds ``value`` at its middle
+    element (a ``huge`` value makes scores of ~±1e38, finite, or ±inf after the product)."""
+    name, victim, value = poison
+    tensors = []
+    for index, n in enumerate(PRODUCT_SIZES):
+        direction, grad = _factors(index)
+        if index == victim:
+            direction[n // 2], grad[n // 2] = value, 1.0
+        tensors.append((direction, grad, 0 if index == 4 else n // 3))
+    return tensors
+
+
+def _product_rounds(rank: int, world_size: int) -> list[dict]:
+    """One `topk_masks` round per poison in `POISONS`; per round the masks (or the error message), whether
+    each request's scores are still a `ScoreProduct` afterwards and whether each mask is the request's ``out``."""
+    comm = Collectives()
+    rounds = []
+    for poison in POISONS:
+        requests = []
+        for index, (direction, grad, k) in enumerate(_poisoned_factors(poison)):
+            lo, hi = PRODUCT_BOUNDS[index][rank]
+            segment = Segment(index, (PRODUCT_SIZES[index],), lo, hi)
+            scores = ScoreProduct(direction[lo:hi].clone(), grad[lo:hi].clone(), torch.full((hi - lo,), math.nan))
+            requests.append(TopKMask(segment, scores, k, out=torch.empty(hi - lo, dtype=torch.bool)))
+        try:
+            masks, raised = topk_masks(comm, requests), None
+        except NonFiniteScoresError as err:
+            masks, raised = None, str(err)
+        rounds.append({
+            "masks": masks, "raised": raised,
+            "unformed": [isinstance(r.scores, ScoreProduct) for r in requests],
+            "in_out": None if masks is None else [m is r.out for m, r in zip(masks, requests)],
+        })
+    return rounds
+
+
+@functools.lru_cache(maxsize=None)
+def _product_results() -> tuple[list[dict], ...]:
+    return tuple(run_distributed(2, _product_rounds))
+
+
+@pytest.mark.parametrize("round_", range(len(POISONS)), ids=[p[0] for p in POISONS])
+def test_score_products_select_like_the_local_mask_and_report_nonfinite_everywhere(round_: int) -> None:
+    name, victim, _ = POISONS[round_]
+    results = [per_rank[round_] for per_rank in _product_results()]
+    tensors = _poisoned_factors(POISONS[round_])
+    if not math.isfinite(POISONS[round_][2]):
+        for result in results:
+            assert result["raised"] == (
+                f"MGUP mask scores of tensors [{victim}] contain NaN or infinity (non-finite gradient?)"
+            )
+        return
+    for index, (direction, grad, k) in enumerate(tensors):
+        want = topk_mask(direction * grad, k)
+        in_flat_order = sorted((0, 1), key=lambda rank: PRODUCT_BOUNDS[index][rank])
+        got = torch.cat([results[rank]["masks"][index] for rank in in_flat_order])
+        assert torch.equal(got, want), f"{name}: tensor {index}"
+
+
+def test_whole_tensors_select_from_the_factors_into_out() -> None:
+    for rank, per_rank in enumerate(_product_results()):
+        result = per_rank[0]
+        whole = [hi - lo == PRODUCT_SIZES[i] for i, (lo, hi) in enumerate(b[rank] for b in PRODUCT_BOUNDS)]
+        split = [0 < hi - lo < PRODUCT_SIZES[i] for i, (lo, hi) in enumerate(b[rank] for b in PRODUCT_BOUNDS)]
+        assert [u for u, w in zip(result["unformed"], whole) if w] == [True] * sum(whole)
+        assert [u for u, s in zip(result["unformed"], split) if s] == [False] * sum(split)
+        assert [o for o, w, s in zip(result["in_out"], whole, split) if w or s] == [True] * (sum(whole) + sum(split))

@@ -1,0 +1,43 @@
+/* Native CPU kernels for the elementwise parts of the Adam-family updates (float32, contiguous).
+ *
+ * Built together with select_kernels.c (see mgup_dist/native/__init__.py) and called through
+ * mgup_dist/native/kernels.py. Each result is bit for bit what the torch operations the rules would otherwise
+ * run give (built with -ffp-contract=off, so only the explicit fmaf fuses). The `parts` drivers split [0, n)
+ * into that many ranges on torch's OpenMP team.
+ */
+#include <math.h>
+#include <stdint.h>
+
+#include "kernels.h"
+
+/* param[i] <- fma(direction[i] * f_i, alpha, param[i]) with f_i = high where mask[i] else low: bit for bit
+ * torch's param.add_(direction * where(mask, high, low), alpha=alpha) on CPUs with FMA. */
+static void masked_update(float *param, const float *direction, const uint8_t *mask, int64_t n, float high,
+                          float low, float alpha)
+{
+    for (int64_t i = 0; i < n; i++) {
+        float factor = mask[i] ? high : low;
+        param[i] = fmaf(direction[i] * factor, alpha, param[i]);
+    }
+}
+
+void mgup_masked_update(float *param, const float *direction, const uint8_t *mask, int64_t n, float high,
+                        float low, float alpha, int64_t parts)
+{
+#pragma omp parallel for schedule(static) num_threads(parts) if (parts > 1)
+    for (int64_t t = 0; t < parts; t++) {
+        int64_t lo = part_start(n, t, parts), hi = part_start(n, t + 1, parts);
+        masked_update(param + lo, direction + lo, mask + lo, hi - lo, high, low, alpha);
+    }
+}
+
+/* u[i] = m[i] / (sqrt(v[i]) + eps) over [0, n) (u may alias m or v). */
+void mgup_adam_direction(const float *m, const float *v, int64_t n, float eps, float *u, int64_t parts)
+{
+#pragma omp parallel for schedule(static) num_threads(parts) if (parts > 1)
+    for (int64_t t = 0; t < parts; t++) {
+        int64_t lo = part_start(n, t, parts), hi = part_start(n, t + 1, parts);
+        for (int64_t i = lo; i < hi; i++)
+            u[i] = adam_quotient(m[i], v[i], eps);
+    }
+}
