@@ -6,22 +6,18 @@ tensor over them. Write ``G(x) = #{i : s_i > x}``. The k-th largest score ``T`` 
 to ``T`` in flat order.
 
 1. One reduction gives min and max and rejects NaN/infinity: ``T`` lies in ``(below(min), max]``.
-2. A deterministic strided sample estimates where ``T`` sits. One pass counts ``G`` at two thresholds around
-   that estimate (a sample value a few standard deviations of the sample quantile under it, and the float just
-   below one as far over it) and collects the scores between them, the *band*: ``O(n / sqrt(sample))`` scores.
-   When the sample's values there are all one value ``v`` (a block of ties, e.g. zero scores), the thresholds
-   are ``below(v)`` and ``v``, so the band is exactly the ties and is never collected.
-3. If ``T`` is in the band it is a partial sort of the band away. Otherwise the interval known to hold ``T``
-   shrinks to the side the counts point to and the next pass tries a wider bracket inside it; once the sample
-   has nothing to offer there (or after a few passes) the whole interval is the band. Each step is exact, so
-   the result never depends on the sample, only the cost does.
+2. A deterministic strided sample (`_sample`) estimates where ``T`` sits, and counting passes over the scores
+   bracket it exactly (`mgup_dist.ops.threshold.search_threshold`): usually one pass that counts ``G`` at two
+   thresholds around the estimate and collects the few scores between them, the band.
+3. ``T`` is then a partial sort of the band away.
 4. When ``r`` takes every tie the mask is ``s >= T``; otherwise ``s >= T`` before the cut just after the r-th
    tie and ``s > T`` from it on (`locate_ties` finds the cut counting ties block by block).
 
 On CPU, where the native kernels of `mgup_dist.native` are built, each pass is one fused loop there
 (`_native_mask`): the first counting pass also rejects NaN/infinity (no min/max reduction), writes the mask
 ``s > upper`` and records where the band lies, so the k-th score's band is settled in place and the mask costs
-no pass of its own; scores given as a product (`topk_mask_of_product`) are never written to memory. Otherwise
+no pass of its own; scores given as a product (`topk_mask_of_product`) are never written to memory, and an
+unformed Adam direction (`AdamQuotient`) is formed by the first counting pass itself. Otherwise
 the passes run on zero-copy numpy views of the tensors, block by block so temporaries stay in cache:
 torch 2.13's CPU comparisons into bool and boolean indexing are several times slower than numpy's. The
 counting and mask-writing passes split over ``torch.get_num_threads()`` threads (`mgup_dist.native.threads`,
@@ -33,8 +29,7 @@ tie search up to the cut when ties straddle it), partial sorts of ``~2·n**(2/3)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Iterator, TypeVar, Union
+from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -42,52 +37,24 @@ import torch
 from mgup_dist import native
 from mgup_dist.native import kernels
 from mgup_dist.native.threads import map_ranges
+from mgup_dist.ops.threshold import (
+    Interval,
+    Threshold,
+    Values,
+    count_true,
+    float_below,
+    require_finite,
+    search_threshold,
+)
 from mgup_dist.rules.adam_direction import AdamQuotient
-from mgup_dist.rules.requests import NonFiniteScoresError, ScoreProduct
+from mgup_dist.rules.requests import ScoreProduct
 
 T = TypeVar("T")
-Values = Union[np.ndarray, torch.Tensor]  # a 1-D float32 host (numpy) view of CPU scores, or the device tensor
 
 BLOCKS = {"numpy": 1 << 16, "torch": 1 << 22}  # elements per block of a pass, per array kind
 SAMPLE_FROM = 1 << 14  # smaller tensors skip the sample: their single pass collects every score
 _MAX_SAMPLE = 1 << 18
-_MARGIN_SD = 2.5  # bracket half-width in standard deviations of the sample quantile (1.2% of passes miss)
-_WIDEN = 4  # bracket growth after a pass that missed
 NATIVE_DENSITY = 1.0  # sample density of the native path (see `_sample`)
-_MAX_PASSES = 4  # after this many sampled passes the whole remaining interval is collected
-
-
-@dataclass(frozen=True)
-class Threshold:
-    """The k-th largest score ``value`` (``+0.0`` for a zero), with ``above`` scores greater than it and
-    ``ties`` scores equal to it (so ``above < k <= above + ties``)."""
-
-    value: float
-    above: int
-    ties: int
-
-
-@dataclass(frozen=True)
-class _Interval:
-    """``T`` lies in ``(low, high]``; ``G(low) = above_low >= k > G(high) = above_high``."""
-
-    low: float
-    high: float
-    above_low: int
-    above_high: int
-
-
-def float_below(x: float) -> float:
-    """The largest float32 smaller than float32 ``x`` (``float_below(0.0) == float_below(-0.0)``, a negative
-    subnormal; ``-inf`` for the lowest float), so ``s > float_below(x)`` is ``s >= x`` for float32 ``s``."""
-    with np.errstate(over="ignore"):
-        return float(np.nextafter(np.float32(x), np.float32(-np.inf)))
-
-
-def require_finite(nonfinite: int) -> None:
-    """`NonFiniteScoresError` unless ``nonfinite`` (how many scores are NaN or infinite) is 0."""
-    if nonfinite:
-        raise NonFiniteScoresError("MGUP mask scores contain NaN or infinity (non-finite gradient?)")
 
 
 def finite_range(scores: torch.Tensor) -> tuple[float, float]:
@@ -108,25 +75,10 @@ def _blocks(values: Values) -> Iterator[Values]:
         yield values[start : start + size]
 
 
-def _count(mask: Values) -> int:
-    return int(np.count_nonzero(mask)) if isinstance(mask, np.ndarray) else int(torch.count_nonzero(mask))
-
-
 def _concat(parts: list[Values], like: Values) -> Values:
     if isinstance(like, np.ndarray):
         return np.concatenate(parts) if parts else like[:0]
     return torch.cat(parts) if parts else like[:0]
-
-
-def _order_statistics(values: Values, ranks: list[int]) -> list[float]:
-    """The ``ranks``-th smallest (0-based) of ``values``, by partial sort."""
-    if not ranks:
-        return []
-    if isinstance(values, np.ndarray):
-        if native.library() is not None:
-            return kernels.order_statistics(values, ranks)
-        return [float(v) for v in np.partition(values, ranks)[ranks]]
-    return [float(torch.kthvalue(values, rank + 1).values) for rank in ranks]
 
 
 def _first_true(mask: Values, count: int) -> int:
@@ -152,7 +104,7 @@ def locate_ties(scores: Values, value: float, r: int) -> int:
         return 0
     for block in _blocks(scores):
         equal = block == value
-        count = _count(equal)
+        count = count_true(equal)
         if count >= remaining:
             return start + _first_true(equal, remaining) + 1
         start, remaining = start + len(block), remaining - count
@@ -170,11 +122,11 @@ def _count_pass(values: Values, lower: float, upper: float) -> tuple[int, int, V
         band = []
         for block in _blocks(values[lo:hi]):
             over_lower, over_upper = block > lower, block > upper
-            above_upper += _count(over_upper)
+            above_upper += count_true(over_upper)
             if collect:
                 band.append(block[over_lower ^ over_upper])
             else:
-                above_lower += _count(over_lower)
+                above_lower += count_true(over_lower)
         return above_lower, above_upper, band
 
     parts = _map(count, values)
@@ -205,64 +157,12 @@ def _sample(values: Values, density: float = 2.0) -> Values:
     return values[stride // 2 :: stride]
 
 
-def _bracket(pool: Values, interval: _Interval, k: int, widen: float) -> tuple[float, float]:
-    """Thresholds ``lower <= upper`` inside ``[low, high]`` that likely enclose ``T``, from the sample values
-    ``pool`` lying in the interval; the interval itself when the pool is empty."""
-    size = len(pool)
-    if size == 0:
-        return interval.low, interval.high
-    inside = interval.above_low - interval.above_high
-    fraction = (k - interval.above_high) / inside  # T's rank from the top of the interval, as a fraction
-    centre = size * (1 - fraction)
-    margin = widen * (_MARGIN_SD * math.sqrt(size * fraction * (1 - fraction)) + 1)
-    below_rank, above_rank = math.floor(centre - margin), math.ceil(centre + margin)
-    ranks = [rank for rank in (below_rank, above_rank) if 0 <= rank < size]
-    stats = dict(zip(ranks, _order_statistics(pool, ranks)))
-    lower = stats.get(below_rank, interval.low)
-    upper = float_below(stats[above_rank]) if above_rank in stats else interval.high
-    if lower > upper:  # both ranks fell in one block of ties: count exactly those ties
-        lower, upper = upper, lower
-    return max(lower, interval.low), min(upper, interval.high)
-
-
-def _in_band(band: Values, rank: int, above_band: int) -> Threshold:
-    """The ``rank``-th largest of ``band`` (1-based) when ``above_band`` scores lie above the band."""
-    value = _order_statistics(band, [len(band) - rank])[0]
-    return Threshold(value + 0.0, above_band + _count(band > value), _count(band == value))
-
-
-CountPass = Callable[[float, float], tuple[int, int, Values]]  # (lower, upper) -> G(lower), G(upper), band
-
-
-def search_threshold(count: CountPass, pool: Values, interval: _Interval, k: int) -> Threshold:
-    """The k-th largest score, given ``count`` (a counting pass, see `_count_pass`), a sample ``pool`` of the
-    scores (possibly empty) and an ``interval`` known to hold it (step 3 of the module docstring)."""
-    widen, passes = 1.0, 0
-    while interval.low != float_below(interval.high):
-        if passes == _MAX_PASSES:
-            pool = pool[:0]  # the whole interval becomes the band: this pass cannot miss
-        lower, upper = _bracket(pool, interval, k, widen)
-        above_lower, above_upper, band = count(lower, upper)
-        if above_upper >= k:
-            interval = _Interval(upper, interval.high, above_upper, interval.above_high)
-        elif above_lower < k:
-            interval = _Interval(interval.low, lower, interval.above_low, above_lower)
-        elif lower == float_below(upper):
-            return Threshold(upper + 0.0, above_upper, above_lower - above_upper)
-        else:
-            return _in_band(band, k - above_upper, above_upper)
-        pool = pool[(pool > interval.low) & (pool <= interval.high)]
-        widen, passes = widen * _WIDEN, passes + 1
-    # a single float value is left in the interval
-    return Threshold(interval.high + 0.0, interval.above_high, interval.above_low - interval.above_high)
-
-
 def kth_largest(scores: torch.Tensor, k: int, score_range: tuple[float, float] | None = None) -> Threshold:
     """The k-th largest of 1-D float32 ``scores`` (``1 <= k <= n``), with the counts above and equal to it.
     ``score_range``: ``(min, max)`` if already known (from `finite_range`); scores must be finite."""
     values = _host_view(scores)
     low, high = score_range if score_range is not None else finite_range(scores)
-    interval = _Interval(float_below(low), high, len(values), 0)
+    interval = Interval(float_below(low), high, len(values), 0)
     pool = _sample(values) if len(values) >= SAMPLE_FROM else values[:0]
     return search_threshold(lambda lower, upper: _count_pass(values, lower, upper), pool, interval, k)
 
@@ -339,7 +239,7 @@ def _native_mask(
         return mask
     pool = _sample(av, NATIVE_DENSITY) if quotient is None else _sampled_quotient(quotient)
     pool = pool if bv is None else pool * _sample(bv, NATIVE_DENSITY)
-    threshold = search_threshold(count, pool, _Interval(-math.inf, math.inf, n, 0), k)
+    threshold = search_threshold(count, pool, Interval(-math.inf, math.inf, n, 0), k)
     av = factors[0]
     lower, upper, counts = last[0]
     r = k - threshold.above

@@ -19,8 +19,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mgup_dist.native import threads
-from mgup_dist.ops import select
-from mgup_dist.ops.select import float_below, kth_largest, locate_ties, topk_mask
+from mgup_dist.ops import select, threshold as search
+from mgup_dist.ops.select import kth_largest, locate_ties, topk_mask
+from mgup_dist.ops.threshold import float_below
 from mgup_dist.rules.masks import mask_k
 from mgup_dist.rules.requests import NonFiniteScoresError
 
@@ -193,7 +194,7 @@ def test_exact_whatever_the_sample(
         for k in k_values(scores.numel(), scores, seed=2):
             passes.append(0)
             assert_exact(scores, k)
-    assert max(passes) <= select._MAX_PASSES + 1
+    assert max(passes) <= search._MAX_PASSES + 1
     assert (max(passes) > 1) == misleading  # a wrong sample costs passes, never exactness
 
 
@@ -221,13 +222,13 @@ def test_brackets_after_a_miss_come_from_the_interval(monkeypatch: pytest.Monkey
     """A sample shifted off the scores makes passes miss; every later bracket is drawn from the sample values
     inside the interval known to hold the k-th value, and the answer stays exact."""
     calls = []
-    original_bracket, original_sample = select._bracket, select._sample
+    original_bracket, original_sample = search._bracket, select._sample
 
     def recording(pool, interval, k, widen):
         calls.append((pool.copy(), interval))
         return original_bracket(pool, interval, k, widen)
 
-    monkeypatch.setattr(select, "_bracket", recording)
+    monkeypatch.setattr(search, "_bracket", recording)
     monkeypatch.setattr(select, "_sample", lambda values: original_sample(values) + np.float32(1e-3))
     scores = make_scores("products", 200_000, seed=11)
     assert_exact(scores, 100_000)
@@ -257,7 +258,7 @@ def test_kth_largest_counts() -> None:
 
 def test_kth_largest_of_zero_is_positive_zero() -> None:
     threshold = kth_largest(torch.tensor([-0.0, -0.0, 1.0]), 2)
-    assert threshold == select.Threshold(0.0, 1, 2) and math.copysign(1, threshold.value) == 1
+    assert threshold == search.Threshold(0.0, 1, 2) and math.copysign(1, threshold.value) == 1
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
