@@ -5,9 +5,9 @@ from typing import Sequence
 
 import torch
 
-from mgup_dist.ops.select import topk_mask, topk_mask_of_product
+from mgup_dist.ops.select import request_mask
 from mgup_dist.rules.newton_schulz import newton_schulz
-from mgup_dist.rules.requests import Orthogonalize, ScoreProduct, TensorSum, TopKMask
+from mgup_dist.rules.requests import Orthogonalize, TensorSum, TopKMask
 
 
 def _require_whole(request: TensorSum | TopKMask | Orthogonalize) -> None:
@@ -15,14 +15,6 @@ def _require_whole(request: TensorSum | TopKMask | Orthogonalize) -> None:
         raise ValueError(
             f"LocalOps got a partial segment {request.segment}; sharded layouts need collective TensorOps"
         )
-
-
-def _topk_mask(request: TopKMask) -> torch.Tensor:
-    """A `ScoreProduct` goes to `topk_mask_of_product` as its factors (the native kernels then write no scores)."""
-    scores = request.scores
-    if isinstance(scores, ScoreProduct):
-        return topk_mask_of_product(scores.direction, scores.grad, request.k, request.out, scores.buffer)
-    return topk_mask(scores, request.k, out=request.out)
 
 
 class LocalOps:
@@ -36,7 +28,7 @@ class LocalOps:
     def topk_masks(self, requests: Sequence[TopKMask]) -> list[torch.Tensor]:
         for r in requests:
             _require_whole(r)
-        return [_topk_mask(r) for r in requests]
+        return [request_mask(r) for r in requests]
 
     def orthogonalize(self, requests: Sequence[Orthogonalize]) -> list[torch.Tensor]:
         out = []

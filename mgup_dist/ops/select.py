@@ -47,7 +47,7 @@ from mgup_dist.ops.threshold import (
     search_threshold,
 )
 from mgup_dist.rules.adam_direction import AdamQuotient
-from mgup_dist.rules.requests import ScoreProduct
+from mgup_dist.rules.requests import ScoreProduct, TopKMask
 
 T = TypeVar("T")
 
@@ -314,3 +314,13 @@ def topk_mask(scores: torch.Tensor, k: int, out: torch.Tensor | None = None) -> 
     cut = n if r == threshold.ties else locate_ties(values, threshold.value, r)
     _fill_mask(values, _host_view(mask), threshold.value, cut)
     return mask
+
+
+def request_mask(request: TopKMask) -> torch.Tensor:
+    """The answer to a `TopKMask` whose segment is the whole tensor, into ``request.out`` when given: a
+    `ScoreProduct` goes to `topk_mask_of_product` as its factors (the native kernels then never write the
+    scores, and form an unformed Adam direction in their first pass), plain scores to `topk_mask`."""
+    scores = request.scores
+    if isinstance(scores, ScoreProduct):
+        return topk_mask_of_product(scores.direction, scores.grad, request.k, request.out, scores.buffer)
+    return topk_mask(scores, request.k, out=request.out)

@@ -6,6 +6,7 @@ or the dynamic 1/ā and ā). Masks are recomputed every step and never stored pe
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Generator, Mapping
@@ -129,8 +130,14 @@ def mgup_selection(
 
 
 def in_dtype(values: tuple[float, ...], dtype: torch.dtype) -> tuple[float, ...]:
-    """``values`` each rounded once to ``dtype`` (as Python floats)."""
-    return tuple(torch.tensor(v, dtype=dtype).item() for v in values)
+    """``values`` each rounded once to ``dtype`` (as Python floats). Remembered per exact value (keyed by the
+    float's hex form, so ``-0.0`` and ``0.0`` stay apart): rules round the same few factors every step."""
+    return _rounded(tuple(float(v).hex() for v in values), dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _rounded(hex_values: tuple[str, ...], dtype: torch.dtype) -> tuple[float, ...]:
+    return tuple(torch.tensor(float.fromhex(h), dtype=dtype).item() for h in hex_values)
 
 
 def dynamic_alpha(aligned: torch.Tensor, slot: Slot, hp: Mapping[str, Any]) -> Generator[Request, Any, float]:

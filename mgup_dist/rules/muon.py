@@ -5,7 +5,6 @@ request (`Orthogonalize`), so the rule never holds more than its local segment.
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Generator, Mapping
 
@@ -57,14 +56,8 @@ def muon(slot: Slot, hp: Mapping[str, Any], masked: bool = False) -> Rule:
     selected = (yield from mgup_selection(direction, grad, slot.segment, hp, slot.scratch)) if masked else None
     update = yield from _orthogonalize(slot, direction, hp)
     # Φ is MGUP_MASK's, in the direction's dtype (then the update's, as a cast of Φ would give)
-    factors = _mask_factors(float(hp["alpha"]), float(hp["gamma"]), direction.dtype) if masked else None
+    factors = in_dtype((hp["alpha"], hp["gamma"]), direction.dtype) if masked else None
     _apply(slot, update, hp, factors, selected)
-
-
-@functools.lru_cache(maxsize=64)
-def _mask_factors(alpha: float, gamma: float, dtype: torch.dtype) -> tuple[float, ...]:
-    """MGUP's ``(α, γ)`` rounded to ``dtype`` (`in_dtype`), remembered: the same few values every step."""
-    return in_dtype((alpha, gamma), dtype)
 
 
 def mgup_muon(slot: Slot, hp: Mapping[str, Any]) -> Rule:

@@ -49,7 +49,7 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 
-from mgup_dist.ops.select import locate_ties, topk_mask, topk_mask_of_product
+from mgup_dist.ops.select import locate_ties, request_mask
 from mgup_dist.rules.requests import NonFiniteScoresError, ScoreProduct, TopKMask
 from mgup_dist.shard.collectives import Collectives
 
@@ -284,15 +284,10 @@ def _device(request: TopKMask) -> torch.device:
 
 
 def _whole_mask(request: TopKMask) -> torch.Tensor | None:
-    """The answer for a tensor this rank holds whole, by the local selection (into ``request.out`` when given),
-    or None when its scores are not finite. A `ScoreProduct` goes to `topk_mask_of_product` as its factors (the
-    native kernels then never write the scores, and form an unformed Adam direction in their first pass);
-    either selection checks finiteness itself."""
-    scores = request.scores
+    """The answer for a tensor this rank holds whole, by the local selection (`request_mask`, which checks
+    finiteness itself), or None when its scores are not finite."""
     try:
-        if isinstance(scores, ScoreProduct):
-            return topk_mask_of_product(scores.direction, scores.grad, request.k, request.out, scores.buffer)
-        return topk_mask(request.score_tensor(), request.k, out=request.out)
+        return request_mask(request)
     except NonFiniteScoresError:
         return None
 

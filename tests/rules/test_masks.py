@@ -1,12 +1,13 @@
 """The alignment-mask engine (spec §2.2, §3.2, §8 item 3): exact top-k MGUP factors and AlphaAdam's dynamic
 factors, resolved through LocalOps and checked against the float64 reference."""
+import math
 import pytest
 import torch
 
 from mgup_dist.ops.local import LocalOps
 from mgup_dist.rules import masks
 from mgup_dist.native import threads
-from mgup_dist.rules.masks import dynamic_alpha, mgup_selection
+from mgup_dist.rules.masks import dynamic_alpha, in_dtype, mgup_selection
 from mgup_dist.rules.requests import NonFiniteScoresError
 from mgup_dist.rules.slot import Slot
 from mgup_dist.shard.segment import Segment
@@ -169,3 +170,13 @@ def test_masked_step_on_a_parameter_that_requires_grad() -> None:
     with torch.no_grad():
         masks.masked_step(param, torch.ones(1000), selected, 2.0, 0.5, 0.1)
     assert torch.equal(param.detach(), torch.where(selected, -0.2, -0.05))
+
+
+def test_in_dtype_keeps_signed_zeros_apart_across_calls() -> None:
+    """The rounding is remembered per exact value: a +0.0 rounded first must not answer for a later -0.0."""
+    assert in_dtype((1.1,), torch.float32) == (float(torch.tensor(1.1, dtype=torch.float32)),)
+    positive = in_dtype((0.0,), torch.float32)[0]
+    negative = in_dtype((-0.0,), torch.float32)[0]
+    assert math.copysign(1.0, positive) == 1.0
+    assert negative == 0.0 and math.copysign(1.0, negative) == -1.0
+    assert in_dtype((1 / 3,), torch.bfloat16) == (torch.tensor(1 / 3, dtype=torch.bfloat16).item(),)
