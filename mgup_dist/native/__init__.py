@@ -1,12 +1,13 @@
-"""Native CPU kernels (`select_kernels.c`: MGUP's selection; `update_kernels.c`: elementwise update steps), built
-with the system C compiler on first use.
+"""Native CPU kernels (`select_kernels.c`: MGUP's selection passes; `sampled_select.c`: the whole sampled
+selection of one tensor in one call; `update_kernels.c`: elementwise update steps), built with the system C
+compiler on first use.
 
 `library()` returns the loaded `ctypes.CDLL`, or None when the kernels are unavailable; callers then take the
 portable numpy/torch path, which gives bit-identical masks. The build runs once per machine and source version:
 ``$CC`` (default ``cc``) compiles the sources into one library with ``-O3 -ffp-contract=off`` (no FMA
 contraction, so an element's arithmetic never depends on its position), ``-fno-math-errno`` (so ``sqrtf`` is the
 vector instruction; the kernels never read errno) and ``-fopenmp`` (torch is imported first, so the library binds to
-the libgomp torch loaded and its parallel passes run on torch's intra-op thread team), plus ``-mavx2 -mfma`` on x86 CPUs where torch dispatches to AVX2 or
+the libgomp torch loaded and its parallel passes run on torch's intra-op thread team), plus ``-mavx2 -mfma -mpopcnt`` on x86 CPUs where torch dispatches to AVX2 or
 AVX-512 (`isa_flags`), into ``<cache>/mgup_dist/native-<hash>/``, where ``<cache>`` is
 ``$MGUP_DIST_CACHE``, else ``$XDG_CACHE_HOME``, else ``~/.cache``, and ``<hash>`` covers the sources and header, the flags,
 the compiler and the machine type. Each process compiles into a private temporary file and renames it into
@@ -32,12 +33,14 @@ import torch
 
 logger = logging.getLogger("mgup_dist.native")
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("select_kernels.c", "update_kernels.c"))
+SOURCES = tuple(
+    Path(__file__).with_name(name) for name in ("select_kernels.c", "sampled_select.c", "update_kernels.c")
+)
 HEADER = Path(__file__).with_name("kernels.h")
 FLAGS = ("-O3", "-fPIC", "-shared", "-std=c11", "-ffp-contract=off", "-fno-math-errno", "-fopenmp")
 MODES = ("auto", "0", "1")
 
-_i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+_i64, _f32, _f64, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_double, ctypes.c_void_p
 SIGNATURES = {
     "mgup_count_band": (None, [_ptr, _ptr, _ptr, _f32, _ptr, _i64, _f32, _f32, _ptr, _ptr, _i64, _ptr, _ptr, _i64]),
     "mgup_fill_mask": (None, [_ptr, _ptr, _i64, _f32, _i64, _ptr, _i64]),
@@ -45,8 +48,12 @@ SIGNATURES = {
     "mgup_mark_ties": (_i64, [_ptr, _ptr, _i64, _f32, _i64, _ptr]),
     "mgup_masked_update": (None, [_ptr, _ptr, _ptr, _i64, _f32, _f32, _f32, _i64]),
     "mgup_adam_direction": (None, [_ptr, _ptr, _i64, _f32, _ptr, _i64]),
-    "mgup_order_statistic": (_f32, [_ptr, _i64, _i64]),
+    "mgup_order_statistics": (None, [_ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr]),
     "mgup_topk_small": (_i64, [_ptr, _ptr, _i64, _i64, _ptr, _ptr]),
+    "mgup_sample_scores": (None, [_ptr, _ptr, _ptr, _f32, _i64, _i64, _i64, _ptr, _i64]),
+    "mgup_first_bracket": (None, [_ptr, _i64, _i64, _i64, _f64, _ptr, _ptr, _ptr]),
+    "mgup_select_sampled": (_i64, [_ptr, _ptr, _ptr, _f32, _ptr, _i64, _i64, _ptr, _ptr, _i64, _f64, _ptr, _ptr, _i64,
+                                   _ptr, _ptr, _ptr, _i64]),
     "mgup_settle_band": (None, [_ptr, _ptr, _i64, _f32, _i64, _ptr]),
 }
 
@@ -70,9 +77,9 @@ def cache_dir() -> Path:
 
 
 def isa_flags() -> tuple[str, ...]:
-    """Instruction-set flags for this CPU: AVX2 and FMA where torch uses them, none elsewhere."""
+    """Instruction-set flags for this CPU: AVX2, FMA and POPCNT where torch uses AVX2, none elsewhere."""
     if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        return ("-mavx2", "-mfma")
+        return ("-mavx2", "-mfma", "-mpopcnt")
     return ()
 
 

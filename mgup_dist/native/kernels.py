@@ -17,11 +17,12 @@ import numpy as np
 import torch
 
 from mgup_dist.native import library
-from mgup_dist.native.threads import parts
+from mgup_dist.native.threads import parts, workers
 
 FLOAT = 4  # bytes per float32
 _BAND_SHARE = 16  # a range's band buffer starts at 1/16 of its length plus _BAND_MIN (grown when that overflows)
 _BAND_MIN = 1024
+_SAMPLES_PER_PART = 2048  # a strided gather splits over threads in ranges of at least this many scores (each a cache miss)
 
 
 class Counts(NamedTuple):
@@ -139,6 +140,51 @@ def adam_direction(m: np.ndarray, v: np.ndarray, eps: float, u: np.ndarray) -> N
     library().mgup_adam_direction(_address(m), _address(v), len(m), eps, _address(u), parts(len(m)))
 
 
+def sample_scores(a: np.ndarray, b: np.ndarray | None, v: np.ndarray | None, eps: float, start: int,
+                  stride: int) -> np.ndarray:
+    """The scores at ``start, start + stride, ...`` (``0 <= start``, ``stride >= 1``) in a fresh float32 array:
+    ``a`` (times ``b``), or with ``v`` the quotient ``a/(sqrt(v) + eps)`` times ``b`` (see `Quotient`)."""
+    out = np.empty(max(0, -(-(len(a) - start) // stride)), dtype=np.float32)
+    count = max(1, min(workers(), len(out) // _SAMPLES_PER_PART))
+    library().mgup_sample_scores(_address(a), _address(b), _address(v), eps, start, stride, len(out), _address(out),
+                                 count)
+    return out
+
+
+SELECTED, MISSED, NONFINITE = 0, 1, 2  # outcomes of `select_sampled`
+
+
+def first_bracket(pool: np.ndarray, n: int, k: int, margin_sd: float) -> tuple[float, float]:
+    """The thresholds ``lower <= upper`` of the first counting pass for the k-th largest (``1 <= k < n``) of
+    ``n`` scores, from the non-empty float32 sample ``pool`` (see ``mgup_first_bracket``): what
+    `mgup_dist.ops.threshold` brackets first, computed in C."""
+    pool = np.ascontiguousarray(pool)
+    bracket = np.empty(2, dtype=np.float32)
+    keys, work = (_workspace(name, len(pool), np.uint32) for name in ("keys", "order"))
+    library().mgup_first_bracket(_address(pool), len(pool), n, k, margin_sd, _address(bracket), _address(keys),
+                                 _address(work))
+    return float(bracket[0]), float(bracket[1])
+
+
+def select_sampled(a: np.ndarray, b: np.ndarray | None, quotient: Quotient | None, k: int, mask: np.ndarray,
+                   pool: np.ndarray, margin_sd: float) -> int:
+    """The exact top-k (``1 <= k < n``) of the scores (see `count_band`) into bool ``mask`` from the sample
+    ``pool`` in one native call (``mgup_select_sampled``): `SELECTED`, `NONFINITE`, or `MISSED` (the first
+    bracket missed, or its band outgrew the buffers: the mask is unsettled, the quotient formed)."""
+    v, eps, u = quotient if quotient is not None else (None, 0.0, None)
+    n, count = len(a), parts(len(a))
+    capacity = n // count // _BAND_SHARE + _BAND_MIN
+    band = _workspace("band", capacity * count, np.float32)
+    where = _workspace("where", capacity * count, np.int64)
+    keys, work = (_workspace(name, max(len(pool), capacity * count), np.uint32) for name in ("keys", "order"))
+    counts = _workspace("counts", 4 * count, np.int64)
+    return int(library().mgup_select_sampled(
+        _address(a), _address(b), _address(v), eps, _address(u), n, k, _address(mask, 0, 1), _address(pool),
+        len(pool), margin_sd, _address(band), _address(where, 0, 8), capacity, _address(keys), _address(work),
+        _address(counts, 0, 8), count,
+    ))
+
+
 def settle_band(counts: Counts, value: float, r: int, mask: np.ndarray) -> None:
     """After a counting pass that wrote ``mask`` and collected its band (`count_band` with a mask), with the
     k-th score ``value`` in that band: ``mask`` at the band's positions becomes ``score > value``, or True for
@@ -156,11 +202,11 @@ def topk_small(a: np.ndarray, b: np.ndarray | None, k: int, mask: np.ndarray) ->
 
 
 def order_statistics(values: np.ndarray, ranks: list[int]) -> list[float]:
-    """The ``ranks``-th smallest (0-based) of finite float32 ``values`` (left unchanged), by radix select."""
-    lib = library()
-    answers = []
-    for rank in ranks:
-        work = _workspace("order", len(values), np.float32)
-        work[:] = values
-        answers.append(float(lib.mgup_order_statistic(_address(work), len(work), rank)))
-    return answers
+    """The ``ranks``-th smallest (0-based, each in ``[0, len(values))``) of finite float32 ``values`` (left
+    unchanged), by radix select, all ranks in one call."""
+    values = np.ascontiguousarray(values)
+    wanted, out = np.asarray(ranks, dtype=np.int64), np.empty(len(ranks), dtype=np.float32)
+    keys, work = (_workspace(name, len(values), np.uint32) for name in ("keys", "order"))
+    library().mgup_order_statistics(_address(values), len(values), _address(wanted, 0, 8), len(wanted),
+                                    _address(out), _address(keys), _address(work))
+    return [float(x) for x in out]

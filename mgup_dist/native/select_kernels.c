@@ -10,8 +10,9 @@
  * and the direction adam_quotient(m, v, eps) is written to u as the scores are counted.
  * Every element gets the same float operations whatever its position (no reassociation, no FMA contraction:
  * built with -ffp-contract=off), so results do not depend on how a tensor is split into ranges or shards.
- * The loader adds -mavx2 -mfma where torch reports AVX2 or better, so the loops vectorise to 256 bits and fmaf
- * is one instruction.
+ * The loader adds -mavx2 -mfma -mpopcnt where torch reports AVX2 or better, so the loops vectorise to 256 bits
+ * and fmaf is one instruction; the counting pass then runs on AVX2 intrinsics (count_range), which perform the
+ * same float operations as its scalar form, lane by lane.
  */
 #include <float.h>
 #include <math.h>
@@ -40,35 +41,6 @@ static inline int64_t block_length(int64_t start, int64_t n)
     return n - start < BLOCK ? n - start : BLOCK;
 }
 
-/* Copies the scores of x[0, m) in (lower, upper] to kept and their positions to at, in order; returns how many. */
-static inline int64_t collect_band(const float *x, int64_t m, float lower, float upper, float *kept, int32_t *at)
-{
-    int64_t count = 0, i = 0;
-#if defined(__AVX2__)
-    const __m256 low = _mm256_set1_ps(lower), high = _mm256_set1_ps(upper);
-    for (; i + 32 <= m; i += 32) { /* 32 at a time; the rare hits are picked from the comparisons' bits */
-        uint32_t bits = 0;
-        for (int lane = 0; lane < 4; lane++) {
-            __m256 v = _mm256_loadu_ps(x + i + 8 * lane);
-            __m256 inside = _mm256_and_ps(_mm256_cmp_ps(v, low, _CMP_GT_OQ), _mm256_cmp_ps(v, high, _CMP_LE_OQ));
-            bits |= (uint32_t)_mm256_movemask_ps(inside) << (8 * lane);
-        }
-        while (bits) {
-            int j = __builtin_ctz(bits);
-            kept[count] = x[i + j];
-            at[count++] = (int32_t)(i + j);
-            bits &= bits - 1;
-        }
-    }
-#endif
-    for (; i < m; i++) { /* branch-free */
-        kept[count] = x[i];
-        at[count] = (int32_t)i;
-        count += (x[i] > lower) & (x[i] <= upper);
-    }
-    return count;
-}
-
 /* How a counting pass gets its scores: a[i], a[i]*b[i], or adam_quotient(a[i], v[i], eps)*b[i] with the
  * quotient also written to u[i]. */
 enum score_mode { SCORES, PRODUCT, QUOTIENT };
@@ -80,78 +52,163 @@ struct quotient {
     float *u;
 };
 
-/* One fused loop over a block: its scores into s, flags = s > upper, and the counts above upper, above lower
- * and non-finite. Specialised on mode by inlining. */
-static inline __attribute__((always_inline)) void score_block(const float *a, const float *b, struct quotient q,
-                                                              enum score_mode mode, int64_t m, float lower,
-                                                              float upper, float *s, uint8_t *flags,
-                                                              int32_t *over_upper, int32_t *over_lower, int32_t *bad)
+/* Where a counting pass puts its band: the first `capacity` band scores go to band (and their positions plus
+ * offset to where, when not NULL); written counts them all. */
+struct band_sink {
+    float *band;
+    int64_t *where;
+    int64_t capacity, offset, written;
+};
+
+static inline void keep(struct band_sink *sink, float s, int64_t i)
 {
-    int32_t high_count = 0, low_count = 0, bad_count = 0;
-    for (int64_t i = 0; i < m; i++) {
-        float v;
-        if (mode == QUOTIENT) {
-            float u = adam_quotient(a[i], q.v[i], q.eps);
-            q.u[i] = u;
-            v = u * b[i];
-        } else {
-            v = mode == PRODUCT ? a[i] * b[i] : a[i];
-        }
-        int high = v > upper;
-        s[i] = v;
-        flags[i] = (uint8_t)high;
-        high_count += high;
-        low_count += v > lower;
-        bad_count += !(fabsf(v) <= FLT_MAX);
+    if (sink->written < sink->capacity) {
+        sink->band[sink->written] = s;
+        if (sink->where != NULL)
+            sink->where[sink->written] = sink->offset + i;
     }
-    *over_upper = high_count;
-    *over_lower = low_count;
-    *bad = bad_count;
+    sink->written++;
 }
+
+/* The score at i (forming and storing the quotient in QUOTIENT mode). */
+static inline __attribute__((always_inline)) float score_at(const float *a, const float *b, struct quotient q,
+                                                            enum score_mode mode, int64_t i)
+{
+    if (mode == QUOTIENT) {
+        float u = adam_quotient(a[i], q.v[i], q.eps);
+        q.u[i] = u;
+        return u * b[i];
+    }
+    return mode == PRODUCT ? a[i] * b[i] : a[i];
+}
+
+/* The counters of one counting pass over one range. */
+struct tally {
+    int64_t above, over_lower, nonfinite;
+};
+
+/* Scores [start, n) one at a time: counts, mask = s > upper (when not NULL), band into sink (when its band is
+ * not NULL). */
+static inline __attribute__((always_inline)) void count_scalar(const float *a, const float *b, struct quotient q,
+                                                               enum score_mode mode, int64_t start, int64_t n,
+                                                               float lower, float upper, uint8_t *mask,
+                                                               struct band_sink *sink, struct tally *tally)
+{
+    for (int64_t i = start; i < n; i++) {
+        float s = score_at(a, b, q, mode, i);
+        int high = s > upper, low = s > lower;
+        if (mask != NULL)
+            mask[i] = (uint8_t)high;
+        tally->above += high;
+        tally->over_lower += low;
+        tally->nonfinite += !(fabsf(s) <= FLT_MAX);
+        if (sink->band != NULL && low && !high)
+            keep(sink, s, i);
+    }
+}
+
+#if defined(__AVX2__)
+/* byte j of byte_flags[x] is bit j of x: eight comparison bits to eight bool bytes. */
+static uint64_t byte_flags[256];
+
+__attribute__((constructor)) static void fill_byte_flags(void)
+{
+    for (int x = 0; x < 256; x++)
+        for (int j = 0; j < 8; j++)
+            byte_flags[x] |= (uint64_t)((x >> j) & 1) << (8 * j);
+}
+
+/* Eight scores from i: the same operations as score_at, eight lanes at a time (bit for bit). */
+static inline __attribute__((always_inline)) __m256 score8(const float *a, const float *b, struct quotient q,
+                                                           enum score_mode mode, int64_t i)
+{
+    __m256 x = _mm256_loadu_ps(a + i);
+    if (mode == SCORES)
+        return x;
+    if (mode == QUOTIENT) {
+        __m256 root = _mm256_sqrt_ps(_mm256_loadu_ps(q.v + i));
+        x = _mm256_div_ps(x, _mm256_add_ps(root, _mm256_set1_ps(q.eps)));
+        _mm256_storeu_ps(q.u + i, x);
+    }
+    return _mm256_mul_ps(x, _mm256_loadu_ps(b + i));
+}
+
+/* count_scalar over [0, n), 32 scores per step: comparison bits give the counts (popcount) and the mask bytes
+ * (byte_flags); the few band scores are picked from the bits. Non-finite scores are only flagged here and
+ * counted by a second look at the range when there are any. */
+static inline __attribute__((always_inline)) void count_range(const float *a, const float *b, struct quotient q,
+                                                              enum score_mode mode, int64_t n, float lower,
+                                                              float upper, uint8_t *mask, struct band_sink *sink,
+                                                              struct tally *tally)
+{
+    const __m256 low = _mm256_set1_ps(lower), high = _mm256_set1_ps(upper), largest = _mm256_set1_ps(FLT_MAX);
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 flagged = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m256 s[4];
+        uint32_t over_upper = 0, over_lower = 0;
+        for (int lane = 0; lane < 4; lane++) {
+            s[lane] = score8(a, b, q, mode, i + 8 * lane);
+            over_upper |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(s[lane], high, _CMP_GT_OQ)) << (8 * lane);
+            over_lower |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(s[lane], low, _CMP_GT_OQ)) << (8 * lane);
+            flagged = _mm256_or_ps(flagged, _mm256_cmp_ps(_mm256_and_ps(s[lane], magnitude), largest, _CMP_NLE_UQ));
+        }
+        tally->above += __builtin_popcount(over_upper);
+        tally->over_lower += __builtin_popcount(over_lower);
+        if (mask != NULL)
+            for (int lane = 0; lane < 4; lane++)
+                memcpy(mask + i + 8 * lane, &byte_flags[(over_upper >> (8 * lane)) & 0xff], 8);
+        uint32_t inside = over_lower & ~over_upper;
+        if (sink->band != NULL && inside) {
+            float kept[32];
+            for (int lane = 0; lane < 4; lane++)
+                _mm256_storeu_ps(kept + 8 * lane, s[lane]);
+            for (; inside; inside &= inside - 1) {
+                int j = __builtin_ctz(inside);
+                keep(sink, kept[j], i + j);
+            }
+        }
+    }
+    count_scalar(a, b, q, mode, i, n, lower, upper, mask, sink, tally);
+    if (_mm256_movemask_ps(flagged)) { /* rare: count the non-finite scores of the vector part */
+        const float *scores = mode == QUOTIENT ? q.u : a;
+        for (int64_t j = 0; j < i; j++) {
+            float s = mode == SCORES ? scores[j] : scores[j] * b[j];
+            tally->nonfinite += !(fabsf(s) <= FLT_MAX);
+        }
+    }
+}
+#else
+static inline __attribute__((always_inline)) void count_range(const float *a, const float *b, struct quotient q,
+                                                              enum score_mode mode, int64_t n, float lower,
+                                                              float upper, uint8_t *mask, struct band_sink *sink,
+                                                              struct tally *tally)
+{
+    count_scalar(a, b, q, mode, 0, n, lower, upper, mask, sink, tally);
+}
+#endif
 
 /* Counts over the scores of [0, n): out[0] = #(s > upper), out[1] = #(lower < s <= upper), out[2] = #non-finite,
  * out[3] = how many band scores (lower < s <= upper) there are to write. When band is not NULL the first
  * min(out[3], capacity) of them go to band in index order, and their positions plus offset to where (when not
- * NULL). When mask is not NULL it gets s > upper (so False in the band, for the caller to settle). */
+ * NULL). When mask is not NULL it gets s > upper (so False in the band, for the caller to settle).
+ * Specialised on the score mode by inlining. */
 static void count_band(const float *a, const float *b, struct quotient q, int64_t n, int64_t offset, float lower,
                        float upper, float *band, int64_t *where, int64_t capacity, uint8_t *mask, int64_t *out)
 {
-    float s[BLOCK], kept[BLOCK];
-    int32_t at[BLOCK];
-    uint8_t discard[BLOCK];
-    int64_t above = 0, inside = 0, nonfinite = 0, written = 0;
-    for (int64_t start = 0; start < n; start += BLOCK) {
-        int64_t m = block_length(start, n);
-        int32_t over_upper = 0, over_lower = 0, bad = 0;
-        uint8_t *flags = mask != NULL ? mask + start : discard;
-        if (q.v != NULL) {
-            struct quotient block = {q.v + start, q.eps, q.u + start};
-            score_block(a + start, b + start, block, QUOTIENT, m, lower, upper, s, flags, &over_upper, &over_lower,
-                        &bad);
-        } else if (b != NULL) {
-            score_block(a + start, b + start, q, PRODUCT, m, lower, upper, s, flags, &over_upper, &over_lower, &bad);
-        } else {
-            score_block(a + start, a + start, q, SCORES, m, lower, upper, s, flags, &over_upper, &over_lower, &bad);
-        }
-        above += over_upper;
-        inside += over_lower - over_upper;
-        nonfinite += bad;
-        if (band == NULL || over_lower == over_upper)
-            continue;
-        int64_t count = collect_band(s, m, lower, upper, kept, at), room = capacity - written;
-        int64_t copied = count < room ? count : room;
-        if (copied > 0) {
-            memcpy(band + written, kept, (size_t)copied * sizeof(float));
-            if (where != NULL)
-                for (int64_t j = 0; j < copied; j++)
-                    where[written + j] = offset + start + at[j];
-        }
-        written += count;
-    }
-    out[0] = above;
-    out[1] = inside;
-    out[2] = nonfinite;
-    out[3] = band != NULL ? written : 0;
+    struct band_sink sink = {band, where, capacity, offset, 0};
+    struct tally tally = {0, 0, 0};
+    if (q.v != NULL)
+        count_range(a, b, q, QUOTIENT, n, lower, upper, mask, &sink, &tally);
+    else if (b != NULL)
+        count_range(a, b, q, PRODUCT, n, lower, upper, mask, &sink, &tally);
+    else
+        count_range(a, b, q, SCORES, n, lower, upper, mask, &sink, &tally);
+    out[0] = tally.above;
+    out[1] = tally.over_lower - tally.above;
+    out[2] = tally.nonfinite;
+    out[3] = band != NULL ? sink.written : 0;
 }
 
 /* mask[i] = s_i >= value for i < cut, s_i > value from cut on (cut clamped to [0, n]). */
@@ -239,36 +296,75 @@ static inline float key_value(uint32_t key)
     return x;
 }
 
-/* The rank-th smallest (0-based, 0 <= rank < n) of finite values[0, n), by a three-digit radix select on the
- * values' order-preserving keys (-0.0 orders just below +0.0, which the callers treat as equal). values is
- * overwritten (it holds the candidate keys). */
-float mgup_order_statistic(float *values, int64_t n, int64_t rank)
+static const int key_shifts[3] = {21, 10, 0};
+static const uint32_t key_widths[3] = {11, 11, 10};
+
+/* The digit of key at position `digit` (0: the top 11 bits). */
+static inline uint32_t key_digit(uint32_t key, int digit)
 {
-    static const int shifts[3] = {21, 10, 0};
-    static const uint32_t widths[3] = {11, 11, 10};
-    uint32_t *keys = (uint32_t *)values;
-    uint32_t prefix = 0;
+    return (key >> key_shifts[digit]) & ((1u << key_widths[digit]) - 1);
+}
+
+/* Which bin of count[] holds the rank-th (0-based) key; *rank becomes the rank within that bin. */
+static inline uint32_t choose_bin(const int64_t *count, int64_t *rank)
+{
+    uint32_t chosen = 0;
+    while (*rank >= count[chosen]) {
+        *rank -= count[chosen];
+        chosen++;
+    }
+    return chosen;
+}
+
+/* The rank-th smallest of keys[0, n), all of whose digits before `digit` are prefix's (keys is overwritten). */
+static uint32_t radix_select(uint32_t *keys, int64_t n, int64_t rank, int digit, uint32_t prefix)
+{
     int64_t count[2048];
-    for (int64_t i = 0; i < n; i++)
-        keys[i] = order_key(values[i]);
-    for (int digit = 0; digit < 3; digit++) {
-        uint32_t bins = 1u << widths[digit], shift = (uint32_t)shifts[digit];
+    for (; digit < 3; digit++) {
         memset(count, 0, sizeof count);
         for (int64_t i = 0; i < n; i++)
-            count[(keys[i] >> shift) & (bins - 1)]++;
-        uint32_t chosen = 0;
-        while (rank >= count[chosen]) {
-            rank -= count[chosen];
-            chosen++;
-        }
-        prefix |= chosen << shift;
+            count[key_digit(keys[i], digit)]++;
+        uint32_t chosen = choose_bin(count, &rank);
+        prefix |= chosen << key_shifts[digit];
         int64_t kept = 0;
         for (int64_t i = 0; i < n; i++)
-            if (((keys[i] >> shift) & (bins - 1)) == chosen)
+            if (key_digit(keys[i], digit) == chosen)
                 keys[kept++] = keys[i];
         n = kept;
     }
-    return key_value(prefix);
+    return prefix;
+}
+
+/* The rank-th smallest (0-based, 0 <= rank < n) of finite values[0, n), by a three-digit radix select on the
+ * values' order-preserving keys (-0.0 orders just below +0.0, which the callers treat as equal). values is
+ * overwritten (it holds the candidate keys). */
+static float order_statistic(float *values, int64_t n, int64_t rank)
+{
+    uint32_t *keys = (uint32_t *)values;
+    for (int64_t i = 0; i < n; i++)
+        keys[i] = order_key(values[i]);
+    return key_value(radix_select(keys, n, rank, 0, 0));
+}
+
+/* out[j] = the ranks[j]-th smallest (0-based, each in [0, n)) of finite values[0, n), left unchanged: the keys
+ * and their top-digit counts are formed once for all ranks. keys and work hold n uint32 each. */
+void mgup_order_statistics(const float *values, int64_t n, const int64_t *ranks, int64_t count, float *out,
+                           uint32_t *keys, uint32_t *work)
+{
+    int64_t bins[2048] = {0};
+    for (int64_t i = 0; i < n; i++) {
+        float x = values[i];
+        keys[i] = order_key(x);
+        bins[key_digit(keys[i], 0)]++;
+    }
+    for (int64_t j = 0; j < count; j++) {
+        int64_t rank = ranks[j], kept = 0;
+        uint32_t chosen = choose_bin(bins, &rank);
+        for (int64_t i = 0; i < n; i++)
+            if (key_digit(keys[i], 0) == chosen)
+                work[kept++] = keys[i];
+        out[j] = key_value(radix_select(work, kept, rank, 1, chosen << key_shifts[0]));
+    }
 }
 
 /* The whole selection for a small tensor, in one call: mask = the exact top-k (1 <= k < n) of the scores, ties
@@ -283,7 +379,7 @@ int64_t mgup_topk_small(const float *a, const float *b, int64_t n, int64_t k, ui
     if (bad)
         return bad;
     memcpy(keys, s, (size_t)n * sizeof(float));
-    float threshold = mgup_order_statistic(keys, n, n - k);
+    float threshold = order_statistic(keys, n, n - k);
     for (int64_t i = 0; i < n; i++)
         above += s[i] > threshold;
     int64_t ties_left = k - above;

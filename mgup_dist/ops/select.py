@@ -17,7 +17,9 @@ On CPU, where the native kernels of `mgup_dist.native` are built, each pass is o
 (`_native_mask`): the first counting pass also rejects NaN/infinity (no min/max reduction), writes the mask
 ``s > upper`` and records where the band lies, so the k-th score's band is settled in place and the mask costs
 no pass of its own; scores given as a product (`topk_mask_of_product`) are never written to memory, and an
-unformed Adam direction (`AdamQuotient`) is formed by the first counting pass itself. Otherwise
+unformed Adam direction (`AdamQuotient`) is formed by the first counting pass itself. The usual case (the
+first bracket holds ``T``) runs in one native call after a native strided gather of the sample
+(`kernels.select_sampled`); the Python search takes over only when that bracket misses. Otherwise
 the passes run on zero-copy numpy views of the tensors, block by block so temporaries stay in cache:
 torch 2.13's CPU comparisons into bool and boolean indexing are several times slower than numpy's. The
 counting and mask-writing passes split over ``torch.get_num_threads()`` threads (`mgup_dist.native.threads`,
@@ -38,6 +40,7 @@ from mgup_dist import native
 from mgup_dist.native import kernels
 from mgup_dist.native.threads import map_ranges
 from mgup_dist.ops.threshold import (
+    _MARGIN_SD,
     Interval,
     Threshold,
     Values,
@@ -143,18 +146,34 @@ def _map(fn: Callable[[int, int], T], values: Values) -> list[T]:
     return [fn(0, len(values))]
 
 
-def _sample(values: Values, density: float = 2.0) -> Values:
-    """A deterministic strided sample of about ``density·n**(2/3)`` scores (between 1024 and `_MAX_SAMPLE`),
-    which balances the sample's cost against collecting and ordering the band (whose size falls as the
-    sample's square root grows): 2 for the portable passes, whose band costs most; `NATIVE_DENSITY` for the
-    native ones, where fetching the strided sample from memory costs more than a wider band. The stride is
-    prime to 2 and 3, so rows of power-of-two or 3·2**j columns are sampled across all their columns."""
-    n = len(values)
+def _stride(n: int, density: float) -> int:
+    """The stride of a sample of about ``density·n**(2/3)`` of ``n`` scores (between 1024 and `_MAX_SAMPLE`),
+    prime to 2 and 3 (see `_sample`)."""
     size = min(_MAX_SAMPLE, max(1024, round(density * n ** (2 / 3))))
     stride = max(1, n // size)
     while stride > 1 and (stride % 2 == 0 or stride % 3 == 0):
         stride -= 1
+    return stride
+
+
+def _sample(values: Values, density: float = 2.0) -> Values:
+    """A deterministic strided sample of about ``density·n**(2/3)`` scores (between 1024 and `_MAX_SAMPLE`),
+    which balances the sample's cost against collecting and ordering the band (whose size falls as the
+    sample's square root grows): 2 for the portable passes, whose band costs most; `NATIVE_DENSITY` for the
+    native ones (`_native_sample`), where fetching the strided sample from memory costs more than a wider band.
+    The stride is prime to 2 and 3, so rows of power-of-two or 3·2**j columns are sampled across all their
+    columns."""
+    stride = _stride(len(values), density)
     return values[stride // 2 :: stride]
+
+
+def _native_sample(a: np.ndarray, b: np.ndarray | None, quotient: AdamQuotient | None) -> np.ndarray:
+    """The scores at `_sample`'s positions (``NATIVE_DENSITY``) gathered in one native call: ``a`` (times ``b``),
+    or with a ``quotient`` the direction formed from the sampled moments (``a`` is then its first moment)
+    times ``b``; bit for bit the scores there."""
+    stride = _stride(len(a), NATIVE_DENSITY)
+    second = None if quotient is None else quotient.exp_avg_sq.detach().numpy()
+    return kernels.sample_scores(a, b, second, quotient.eps if quotient is not None else 0.0, stride // 2, stride)
 
 
 def kth_largest(scores: torch.Tensor, k: int, score_range: tuple[float, float] | None = None) -> Threshold:
@@ -206,29 +225,14 @@ def _native_mask(
     ``quotient`` (`AdamQuotient.fusable`), ``a`` is its first moment and the scores are ``u·b`` for the direction
     ``u`` that the first counting pass forms (small tensors form it first); afterwards ``(u, b)`` are the factors.
 
-    No min/max reduction: the interval starts unbounded and every counting pass also checks for NaN and
-    infinity. Each counting pass also writes the mask ``s > upper``, exact outside its band; when the k-th
-    score lies in the last pass's band, only the band's positions are settled afterwards (the ties among
-    them in flat order), so the mask costs no pass of its own. When the last pass counted a block of ties
-    as its band (``upper`` is the k-th score), the first ``r`` ties are marked, reading up to the r-th. Otherwise
-    (the loop ran out of floats) a tie search and a mask pass follow. Tensors too small to sample take one
-    native call (`kernels.topk_small`)."""
+    No min/max reduction: every counting pass also checks for NaN and infinity. Tensors too small to sample
+    take one native call (`kernels.topk_small`); the others one call for the usual case
+    (`kernels.select_sampled`: the sample's bracket, one counting pass that writes the mask ``s > upper`` and
+    collects the band, the band's positions settled), and `_native_search` when that pass missed."""
     n = a.numel()
     if quotient is not None and (n < SAMPLE_FROM or k in (0, n)):
         a, quotient = quotient.form(), None
-    factors = [a.detach().numpy(), None if b is None else b.detach().numpy(), quotient]
-    out, last = mask.numpy(), []
-
-    def count(lower: float, upper: float) -> tuple[int, int, np.ndarray]:
-        av, bv, fused = factors
-        counts = kernels.count_band(av, bv, lower, upper, lower != float_below(upper), out, fused and fused.operands())
-        if fused is not None:
-            factors[0], factors[2], fused.formed = fused.out.numpy(), None, True
-        require_finite(counts.nonfinite)
-        last[:] = [(lower, upper, counts)]
-        return counts.above_upper + counts.inside, counts.above_upper, counts.band
-
-    av, bv = factors[:2]
+    av, bv, out = a.detach().numpy(), None if b is None else b.detach().numpy(), mask.numpy()
     if n == 0:
         return mask
     if k in (0, n):
@@ -237,29 +241,41 @@ def _native_mask(
     if n < SAMPLE_FROM:
         require_finite(kernels.topk_small(av, bv, k, out))
         return mask
-    pool = _sample(av, NATIVE_DENSITY) if quotient is None else _sampled_quotient(quotient)
-    pool = pool if bv is None else pool * _sample(bv, NATIVE_DENSITY)
-    threshold = search_threshold(count, pool, Interval(-math.inf, math.inf, n, 0), k)
-    av = factors[0]
+    pool = _native_sample(av, bv, quotient)
+    outcome = kernels.select_sampled(av, bv, quotient and quotient.operands(), k, out, pool, _MARGIN_SD)
+    if quotient is not None:
+        av, quotient.formed = quotient.out.numpy(), True
+    require_finite(outcome == kernels.NONFINITE)
+    if outcome != kernels.SELECTED:
+        _native_search(av, bv, k, out, pool)
+    return mask
+
+
+def _native_search(a: np.ndarray, b: np.ndarray | None, k: int, out: np.ndarray, pool: np.ndarray) -> None:
+    """The top-k mask of the scores ``a`` (``a·b``) into ``out`` by `search_threshold`'s passes, each a native
+    counting pass that also writes the mask ``s > upper``, exact outside its band. When the k-th score lies in
+    the last pass's band, only the band's positions are settled (the ties among them in flat order); when the
+    last pass counted a block of ties as its band (``upper`` is the k-th score), the first ``r`` ties are
+    marked, reading up to the r-th. Otherwise (the loop ran out of floats) a tie search and a mask pass
+    follow."""
+    last = []
+
+    def count(lower: float, upper: float) -> tuple[int, int, np.ndarray]:
+        counts = kernels.count_band(a, b, lower, upper, lower != float_below(upper), out)
+        require_finite(counts.nonfinite)
+        last[:] = [(lower, upper, counts)]
+        return counts.above_upper + counts.inside, counts.above_upper, counts.band
+
+    threshold = search_threshold(count, pool, Interval(-math.inf, math.inf, len(a), 0), k)
     lower, upper, counts = last[0]
     r = k - threshold.above
     if lower < threshold.value <= upper and counts.inside and len(counts.where) == counts.inside:
         kernels.settle_band(counts, threshold.value, r, out)
-        return mask
-    if upper == threshold.value:  # the mask holds s > T: the first r ties join it
-        kernels.mark_ties(av, bv, threshold.value, r, out)
-        return mask
-    cut = n if r == threshold.ties else kernels.locate_ties(av, bv, threshold.value, r)
-    kernels.fill_mask(av, bv, threshold.value, cut, out)
-    return mask
-
-
-def _sampled_quotient(quotient: AdamQuotient) -> np.ndarray:
-    """The direction at `_sample`'s positions (``NATIVE_DENSITY``), formed from the sampled moments."""
-    first, second = (_sample(t.detach().numpy(), NATIVE_DENSITY) for t in (quotient.exp_avg, quotient.exp_avg_sq))
-    direction = np.ascontiguousarray(first)
-    kernels.adam_direction(direction, np.ascontiguousarray(second), quotient.eps, direction)
-    return direction
+    elif upper == threshold.value:  # the mask holds s > T: the first r ties join it
+        kernels.mark_ties(a, b, threshold.value, r, out)
+    else:
+        cut = len(a) if r == threshold.ties else kernels.locate_ties(a, b, threshold.value, r)
+        kernels.fill_mask(a, b, threshold.value, cut, out)
 
 
 def topk_mask_of_product(

@@ -16,4 +16,5 @@ def test_runs_every_optimizer_and_writes_its_section(tmp_path) -> None:
     assert f"## {SECTION}\n" in text and "## Other\n\nkept" in text and report.splitlines()[0] in text
     assert "python -m benchmarks.step_overhead --small --steps 1 --threads 1" in text
     assert "native kernels on" in text
+    assert "Interleaved (10 pairs of steps" in report
     assert os.environ.get("MGUP_DIST_NATIVE") != "0"  # the portable variant's setting did not leak

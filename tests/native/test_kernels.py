@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from mgup_dist import native
 from mgup_dist.native import kernels, threads
 
 
@@ -201,3 +202,46 @@ def test_count_band_forms_the_quotient_while_counting() -> None:
     assert np.array_equal(mask, plain_mask)
     assert fused[:3] == plain[:3]
     assert np.array_equal(fused.band, plain.band) and np.array_equal(fused.where, plain.where)
+
+
+@pytest.mark.parametrize("start, stride", [(0, 1), (3, 7), (100_002, 5), (50, 100_000)])
+def test_sample_scores_are_the_scores_at_the_strided_positions(start: int, stride: int) -> None:
+    m, v = moments(100_003, seed=8)
+    g = np.random.default_rng(9).standard_normal(len(m)).astype(np.float32)
+    at = slice(start, None, stride)
+    assert np.array_equal(kernels.sample_scores(m, None, None, 0.0, start, stride), m[at])
+    assert np.array_equal(kernels.sample_scores(m, g, None, 0.0, start, stride), (m * g)[at])
+    fused = kernels.sample_scores(m, g, v, 1e-8, start, stride)
+    assert np.array_equal(fused, (quotient_reference(m, v, 1e-8) * g)[at], equal_nan=True)
+
+
+def test_counting_pass_without_avx2_is_the_same(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The counting pass's portable loop (built without instruction-set flags) gives what its AVX2 loop gives:
+    counts, band, positions, mask and the formed direction, on scores with ties, zeros and a non-finite one."""
+    m, v = moments(100_003, seed=10)
+    g = np.random.default_rng(11).standard_normal(len(m)).astype(np.float32)
+    g[::9] = 0.0
+
+    def run() -> list[np.ndarray]:
+        results = []
+        for lower, upper, quotient in [(-0.3, 0.4, True), (-0.5, 0.25, False), (0.0, 0.0, False)]:
+            u, mask = np.full_like(m, np.nan), np.zeros(len(m), bool)
+            counts = kernels.count_band(m, g, lower, upper, True, mask, kernels.Quotient(v, 1e-8, u) if quotient else None)
+            results += [np.array(counts[:3]), counts.band, counts.where, mask, u]
+        broken = m.copy()
+        broken[77_777] = np.inf
+        results.append(np.array(kernels.count_band(broken, g, -1.0, 1.0, False)[:3]))
+        return results
+
+    vectorised = run()
+    monkeypatch.setattr(native, "isa_flags", lambda: ())
+    monkeypatch.setenv("MGUP_DIST_CACHE", str(tmp_path))
+    native._cached.cache_clear()
+    try:
+        portable = run()
+        assert native.build().parent.parent == tmp_path / "mgup_dist"
+    finally:
+        native._cached.cache_clear()
+    assert len(vectorised) == len(portable)
+    for got, expected in zip(portable, vectorised):
+        assert np.array_equal(got, expected, equal_nan=True)

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mgup_dist.native import kernels, threads
-from mgup_dist.ops import select
+from mgup_dist.ops import select, threshold
 from mgup_dist.ops.select import topk_mask, topk_mask_of_product
 from mgup_dist.rules.adam_direction import AdamQuotient, adam_direction
 from mgup_dist.rules.requests import NonFiniteScoresError
@@ -68,19 +68,52 @@ def test_band_wider_than_the_first_buffer(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_misleading_sample_costs_passes_not_exactness(monkeypatch: pytest.MonkeyPatch) -> None:
-    original = select._sample
-    monkeypatch.setattr(select, "_sample", lambda values, *density: original(values, *density) + np.float32(1e-3))
+    """A sample shifted off the scores makes the one-call selection miss; the Python search takes over (more
+    counting passes) and the mask stays exact."""
+    original = select._native_sample
+    monkeypatch.setattr(select, "_native_sample", lambda *factors: original(*factors) + np.float32(1e-3))
+    outcomes, passes = recording_outcomes(monkeypatch)
     direction, grad = factors("products", 200_000, seed=11)
     assert_exact_both(direction, grad, 100_000)
+    assert kernels.MISSED in outcomes and passes
 
 
-def test_one_pass_collects_a_small_band(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = []
-    original = kernels.count_band
-    monkeypatch.setattr(kernels, "count_band", lambda *args, **kw: calls.append(original(*args, **kw)) or calls[-1])
-    direction, grad = factors("products", 1_000_003, seed=2)
-    assert torch.equal(topk_mask_of_product(direction, grad, 500_001), oracle_mask(direction * grad, 500_001))
-    assert len(calls) == 1 and 0 < len(calls[0].band) < 1_000_003 // kernels._BAND_SHARE  # fits the first buffer
+def recording_outcomes(monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], list[int]]:
+    """Records the outcome of every `kernels.select_sampled` call and every Python-driven counting pass."""
+    outcomes: list[int] = []
+    passes: list[int] = []
+    sampled, counting = kernels.select_sampled, kernels.count_band
+    monkeypatch.setattr(kernels, "select_sampled", lambda *args: outcomes.append(sampled(*args)) or outcomes[-1])
+    monkeypatch.setattr(kernels, "count_band", lambda *args, **kw: passes.append(1) or counting(*args, **kw))
+    return outcomes, passes
+
+
+@pytest.mark.parametrize("kind, k", [("products", 500_001), ("zeros", 300_000)])
+def test_usual_case_is_one_native_call(kind: str, k: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Continuous scores and a k-th score inside a big block of zero scores both take the one-call path: no
+    counting pass driven from Python."""
+    outcomes, passes = recording_outcomes(monkeypatch)
+    direction, grad = factors(kind, 1_000_003, seed=2)
+    assert torch.equal(topk_mask_of_product(direction, grad, k), oracle_mask(direction * grad, k))
+    assert outcomes == [kernels.SELECTED] and not passes
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    size=st.integers(1, 3000),
+    n=st.integers(2, 10**9),
+    fraction=st.floats(0, 1, exclude_max=True),
+    ties=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_first_bracket_is_the_python_bracket(size: int, n: int, fraction: float, ties: bool, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    pool = rng.standard_normal(size).astype(np.float32)
+    if ties:
+        pool = np.round(pool).astype(np.float32)
+    k = min(n - 1, max(1, int(fraction * n)))
+    expected = threshold._bracket(pool, threshold.Interval(-np.inf, np.inf, n, 0), k, 1.0)
+    assert kernels.first_bracket(pool, n, k, threshold._MARGIN_SD) == expected
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
@@ -157,3 +190,16 @@ def test_quotient_with_non_finite_direction_raises() -> None:
     quotient.exp_avg_sq[123] = -1.0  # sqrt of a negative: NaN
     with pytest.raises(NonFiniteScoresError):
         topk_mask_of_product(quotient, grad + 1, 1000)
+
+
+def test_band_outgrowing_the_buffers_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A band larger than the one-call path's buffers: it reports a miss, the Python search collects the band
+    again (growing its buffer) from the formed direction, and the mask stays exact."""
+    monkeypatch.setattr(kernels, "_BAND_SHARE", 10**9)
+    monkeypatch.setattr(kernels, "_BAND_MIN", 1)
+    outcomes, passes = recording_outcomes(monkeypatch)
+    quotient, grad, direction = quotient_factors("products", 200_000, seed=4)
+    mask = topk_mask_of_product(quotient, grad, 100_000)
+    assert outcomes == [kernels.MISSED] and passes
+    assert quotient.formed and torch.equal(quotient.out, direction)
+    assert torch.equal(mask, oracle_mask(direction * grad, 100_000))

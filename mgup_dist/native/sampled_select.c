@@ -1,0 +1,123 @@
+/* The native fast path of MGUP's exact top-k selection for one tensor: sample, bracket, one counting pass,
+ * settle (mgup_dist/ops/select.py, `_native_mask`).
+ *
+ * mgup_select_sampled runs in one call what mgup_dist/ops/threshold.py's search_threshold does in its usual
+ * single pass: the bracket around the k-th score from a strided sample (mgup_first_bracket, the same float
+ * operations as `_bracket` with widen 1 on the interval (-inf, inf)), one counting pass that writes the mask
+ * s > upper and collects the band (mgup_count_band), then the k-th score from the band and the band's positions
+ * settled in the mask (or, when the bracket is a block of ties, the first ties marked). When the pass misses
+ * the k-th score or its band overflows the buffers, it says so and the Python search takes over; the result is
+ * exact either way.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "kernels.h"
+
+/* out[t] = the score at start + t*stride for t < size: a (times b), or with v not NULL adam_quotient(a, v, eps)
+ * times b; split into `parts` ranges of t. */
+void mgup_sample_scores(const float *a, const float *b, const float *v, float eps, int64_t start, int64_t stride,
+                        int64_t size, float *out, int64_t parts)
+{
+    const int64_t ahead = 16; /* scores fetched ahead: every sampled score is on its own cache line */
+#pragma omp parallel for schedule(static) num_threads(parts) if (parts > 1)
+    for (int64_t part = 0; part < parts; part++) {
+        int64_t end = part_start(size, part + 1, parts);
+        for (int64_t t = part_start(size, part, parts); t < end; t++) {
+            int64_t i = start + t * stride;
+            if (t + ahead < end) {
+                int64_t later = i + ahead * stride;
+                __builtin_prefetch(a + later);
+                if (b != NULL)
+                    __builtin_prefetch(b + later);
+                if (v != NULL)
+                    __builtin_prefetch(v + later);
+            }
+            float x = v != NULL ? adam_quotient(a[i], v[i], eps) : a[i];
+            out[t] = b != NULL ? x * b[i] : x;
+        }
+    }
+}
+
+/* The largest float smaller than x (-denorm_min for either zero; -inf stays -inf): s > float_below(x) is
+ * s >= x. */
+static inline float float_below(float x)
+{
+    return nextafterf(x, -INFINITY);
+}
+
+/* bracket[0] <= bracket[1]: the thresholds of the first counting pass for the k-th largest (1 <= k < n) of n
+ * scores, from the sample pool[0, size) (size >= 1; the pool is left unchanged): the sample values a margin of
+ * margin_sd standard deviations of the sample quantile (plus one) below and above the k-th's expected rank,
+ * the upper one lowered to the float below it; -inf or inf where a rank falls outside the pool; swapped when
+ * both fall in one block of ties. keys and work hold size uint32 each. */
+void mgup_first_bracket(const float *pool, int64_t size, int64_t n, int64_t k, double margin_sd, float *bracket,
+                        uint32_t *keys, uint32_t *work)
+{
+    double fraction = (double)k / (double)n;
+    double centre = (double)size * (1 - fraction);
+    double margin = margin_sd * sqrt((double)size * fraction * (1 - fraction)) + 1;
+    int64_t ranks[2] = {(int64_t)floor(centre - margin), (int64_t)ceil(centre + margin)};
+    int64_t wanted[2], count = 0;
+    float stats[2];
+    for (int j = 0; j < 2; j++)
+        if (ranks[j] >= 0 && ranks[j] < size)
+            wanted[count++] = ranks[j];
+    mgup_order_statistics(pool, size, wanted, count, stats, keys, work);
+    int used = 0;
+    float lower = ranks[0] >= 0 && ranks[0] < size ? stats[used++] : -INFINITY;
+    float upper = ranks[1] >= 0 && ranks[1] < size ? float_below(stats[used]) : INFINITY;
+    bracket[0] = lower <= upper ? lower : upper;
+    bracket[1] = lower <= upper ? upper : lower;
+}
+
+/* Outcomes of mgup_select_sampled. */
+enum { SELECTED = 0, MISSED = 1, NONFINITE = 2 };
+
+/* The exact top-k (1 <= k < n) of the scores (as in mgup_count_band: a, a*b, or with v the quotient
+ * adam_quotient(a, v, eps), written to u, times b) into mask, ties to the lowest indices, from the sample
+ * pool[0, size): SELECTED, or NONFINITE (some score is NaN or infinite), or MISSED (the first bracket did not
+ * hold the k-th score, or a range's band outgrew `capacity`; the mask is then unsettled and the caller
+ * searches on, with u formed). band and where hold parts*capacity entries; keys and work max(size,
+ * parts*capacity) uint32 each; counts 4*parts int64 (mgup_count_band's out). */
+int64_t mgup_select_sampled(const float *a, const float *b, const float *v, float eps, float *u, int64_t n,
+                            int64_t k, uint8_t *mask, const float *pool, int64_t size, double margin_sd,
+                            float *band, int64_t *where, int64_t capacity, uint32_t *keys, uint32_t *work,
+                            int64_t *counts, int64_t parts)
+{
+    float bracket[2];
+    mgup_first_bracket(pool, size, n, k, margin_sd, bracket, keys, work);
+    float lower = bracket[0], upper = bracket[1];
+    int collect = lower != float_below(upper);
+    mgup_count_band(a, b, v, eps, u, n, lower, upper, collect ? band : NULL, collect ? where : NULL, capacity, mask,
+                    counts, parts);
+    int64_t above = 0, inside = 0, nonfinite = 0, kept = 0;
+    for (int64_t t = 0; t < parts; t++) {
+        above += counts[4 * t];
+        inside += counts[4 * t + 1];
+        nonfinite += counts[4 * t + 2];
+        if (counts[4 * t + 3] > capacity)
+            return nonfinite ? NONFINITE : MISSED;
+    }
+    if (nonfinite)
+        return NONFINITE;
+    if (above >= k || above + inside < k)
+        return MISSED;
+    const float *scores = v != NULL ? u : a;
+    if (!collect) /* the bracket is one block of ties, all equal to upper: the first k - above join the mask */
+        return mgup_mark_ties(scores, b, n, upper, k - above, mask) == k - above ? SELECTED : MISSED;
+    for (int64_t t = 0; t < parts; t++) { /* the ranges' bands, in index order, into one */
+        int64_t length = counts[4 * t + 3];
+        memmove(band + kept, band + t * capacity, (size_t)length * sizeof(float));
+        memmove(where + kept, where + t * capacity, (size_t)length * sizeof(int64_t));
+        kept += length;
+    }
+    int64_t rank = kept - (k - above), over = 0;
+    float value;
+    mgup_order_statistics(band, kept, &rank, 1, &value, keys, work);
+    for (int64_t j = 0; j < kept; j++)
+        over += band[j] > value;
+    mgup_settle_band(band, where, kept, value, k - above - over, mask);
+    return SELECTED;
+}
