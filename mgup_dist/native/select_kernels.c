@@ -108,16 +108,6 @@ static inline __attribute__((always_inline)) void count_scalar(const float *a, c
 }
 
 #if defined(__AVX2__)
-/* byte j of byte_flags[x] is bit j of x: eight comparison bits to eight bool bytes. */
-static uint64_t byte_flags[256];
-
-__attribute__((constructor)) static void fill_byte_flags(void)
-{
-    for (int x = 0; x < 256; x++)
-        for (int j = 0; j < 8; j++)
-            byte_flags[x] |= (uint64_t)((x >> j) & 1) << (8 * j);
-}
-
 /* Eight scores from i: the same operations as score_at, eight lanes at a time (bit for bit). */
 static inline __attribute__((always_inline)) __m256 score8(const float *a, const float *b, struct quotient q,
                                                            enum score_mode mode, int64_t i)
@@ -133,43 +123,95 @@ static inline __attribute__((always_inline)) __m256 score8(const float *a, const
     return _mm256_mul_ps(x, _mm256_loadu_ps(b + i));
 }
 
-/* count_scalar over [0, n), 32 scores per step: comparison bits give the counts (popcount) and the mask bytes
- * (byte_flags); the few band scores are picked from the bits. Non-finite scores are only flagged here and
- * counted by a second look at the range when there are any. */
-static inline __attribute__((always_inline)) void count_range(const float *a, const float *b, struct quotient q,
-                                                              enum score_mode mode, int64_t n, float lower,
-                                                              float upper, uint8_t *mask, struct band_sink *sink,
-                                                              struct tally *tally)
+/* Four 8-lane comparison results (all-ones or zero lanes) as 32 bool bytes, in lane order. */
+static inline __attribute__((always_inline)) __m256i bool_bytes(const __m256 *flags)
+{
+    __m256i low = _mm256_packs_epi32(_mm256_castps_si256(flags[0]), _mm256_castps_si256(flags[1]));
+    __m256i high = _mm256_packs_epi32(_mm256_castps_si256(flags[2]), _mm256_castps_si256(flags[3]));
+    __m256i bytes = _mm256_packs_epi16(low, high); /* 128-bit lanes interleave the four inputs' halves */
+    bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    return _mm256_and_si256(bytes, _mm256_set1_epi8(1));
+}
+
+/* pack_lanes[x]: the lanes whose bit is set in x, in order, then zeros (for _mm256_permutevar8x32). */
+static int32_t pack_lanes[256][8];
+
+__attribute__((constructor)) static void fill_pack_lanes(void)
+{
+    for (int x = 0; x < 256; x++)
+        for (int lane = 0, kept = 0; lane < 8; lane++)
+            if (x >> lane & 1)
+                pack_lanes[x][kept++] = lane;
+}
+
+/* Appends the scores of s whose bit is set in `inside` (bit j: lane j of s[j / 8]), and their positions
+ * first + j when sink->where is not NULL, to the sink without a branch per score: each group of eight holding
+ * any is left-packed and written whole, so the sink needs room for 32 more entries (the caller checks). */
+static inline __attribute__((always_inline)) void pack_band(const __m256 *s, uint32_t inside, int64_t first,
+                                                            struct band_sink *sink)
+{
+    for (int lane = 0; lane < 4; lane++) {
+        uint32_t bits = (inside >> (8 * lane)) & 0xff;
+        if (bits == 0) /* most lanes: the band is a few percent of the scores */
+            continue;
+        __m256i order = _mm256_loadu_si256((const __m256i *)pack_lanes[bits]);
+        _mm256_storeu_ps(sink->band + sink->written, _mm256_permutevar8x32_ps(s[lane], order));
+        if (sink->where != NULL) {
+            __m256i base = _mm256_set1_epi64x(sink->offset + first + 8 * lane);
+            int64_t *where = sink->where + sink->written;
+            __m256i front = _mm256_cvtepi32_epi64(_mm256_castsi256_si128(order));
+            __m256i back = _mm256_cvtepi32_epi64(_mm256_extracti128_si256(order, 1));
+            _mm256_storeu_si256((__m256i *)where, _mm256_add_epi64(front, base));
+            _mm256_storeu_si256((__m256i *)(where + 4), _mm256_add_epi64(back, base));
+        }
+        sink->written += __builtin_popcount(bits);
+    }
+}
+
+/* count_scalar over [0, n), 32 scores per step: comparison bits give the counts (popcount), the comparisons
+ * themselves the mask bytes (bool_bytes), and the band is left-packed eight scores at a time (pack_band; one
+ * by one only near the end of the sink's room). Non-finite scores are only flagged here and counted by a
+ * second look at the range when there are any. Specialised on `collect` (sink->band != NULL) by inlining. */
+static inline __attribute__((always_inline)) void count_vector(const float *a, const float *b, struct quotient q,
+                                                               enum score_mode mode, int collect, int64_t n,
+                                                               float lower, float upper, uint8_t *mask,
+                                                               struct band_sink *sink, struct tally *tally)
 {
     const __m256 low = _mm256_set1_ps(lower), high = _mm256_set1_ps(upper), largest = _mm256_set1_ps(FLT_MAX);
     const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     __m256 flagged = _mm256_setzero_ps();
-    int64_t i = 0;
+    int64_t above = 0, over_lower_total = 0, i = 0;
     for (; i + 32 <= n; i += 32) {
-        __m256 s[4];
+        __m256 s[4], over[4];
         uint32_t over_upper = 0, over_lower = 0;
         for (int lane = 0; lane < 4; lane++) {
             s[lane] = score8(a, b, q, mode, i + 8 * lane);
-            over_upper |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(s[lane], high, _CMP_GT_OQ)) << (8 * lane);
+            over[lane] = _mm256_cmp_ps(s[lane], high, _CMP_GT_OQ);
+            over_upper |= (uint32_t)_mm256_movemask_ps(over[lane]) << (8 * lane);
             over_lower |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(s[lane], low, _CMP_GT_OQ)) << (8 * lane);
             flagged = _mm256_or_ps(flagged, _mm256_cmp_ps(_mm256_and_ps(s[lane], magnitude), largest, _CMP_NLE_UQ));
         }
-        tally->above += __builtin_popcount(over_upper);
-        tally->over_lower += __builtin_popcount(over_lower);
+        above += __builtin_popcount(over_upper);
+        over_lower_total += __builtin_popcount(over_lower);
         if (mask != NULL)
-            for (int lane = 0; lane < 4; lane++)
-                memcpy(mask + i + 8 * lane, &byte_flags[(over_upper >> (8 * lane)) & 0xff], 8);
+            _mm256_storeu_si256((__m256i *)(mask + i), bool_bytes(over));
+        if (!collect)
+            continue;
         uint32_t inside = over_lower & ~over_upper;
-        if (sink->band != NULL && inside) {
-            float kept[32];
-            for (int lane = 0; lane < 4; lane++)
-                _mm256_storeu_ps(kept + 8 * lane, s[lane]);
-            for (; inside; inside &= inside - 1) {
-                int j = __builtin_ctz(inside);
-                keep(sink, kept[j], i + j);
-            }
+        if (sink->written + 32 <= sink->capacity) {
+            pack_band(s, inside, i, sink);
+            continue;
+        }
+        float kept[32];
+        for (int lane = 0; lane < 4; lane++)
+            _mm256_storeu_ps(kept + 8 * lane, s[lane]);
+        for (; inside; inside &= inside - 1) {
+            int j = __builtin_ctz(inside);
+            keep(sink, kept[j], i + j);
         }
     }
+    tally->above += above;
+    tally->over_lower += over_lower_total;
     count_scalar(a, b, q, mode, i, n, lower, upper, mask, sink, tally);
     if (_mm256_movemask_ps(flagged)) { /* rare: count the non-finite scores of the vector part */
         const float *scores = mode == QUOTIENT ? q.u : a;
@@ -178,6 +220,17 @@ static inline __attribute__((always_inline)) void count_range(const float *a, co
             tally->nonfinite += !(fabsf(s) <= FLT_MAX);
         }
     }
+}
+
+static inline __attribute__((always_inline)) void count_range(const float *a, const float *b, struct quotient q,
+                                                              enum score_mode mode, int64_t n, float lower,
+                                                              float upper, uint8_t *mask, struct band_sink *sink,
+                                                              struct tally *tally)
+{
+    if (sink->band != NULL)
+        count_vector(a, b, q, mode, 1, n, lower, upper, mask, sink, tally);
+    else
+        count_vector(a, b, q, mode, 0, n, lower, upper, mask, sink, tally);
 }
 #else
 static inline __attribute__((always_inline)) void count_range(const float *a, const float *b, struct quotient q,
