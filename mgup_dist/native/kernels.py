@@ -1,7 +1,7 @@
 """Python side of the native kernels: ranges split over threads, results combined in index order.
 
-Arrays are 1-D C-contiguous numpy views of CPU tensors: scores ``a`` (float32), with ``b`` (float32, same length)
-when the scores are the products ``a·b`` (see `mgup_dist.rules.requests.ScoreProduct`), masks bool. A counting
+Arrays are 1-D C-contiguous numpy views of CPU tensors, or the tensors themselves (`usable` ones): scores ``a``
+(float32), with ``b`` (float32, same length) when the scores are the products ``a·b`` (see `mgup_dist.rules.requests.ScoreProduct`), masks bool. A counting
 pass may also form an Adam direction ``u = a/(sqrt(v) + eps)`` and count the scores ``u·b`` (a `Quotient`). Callers
 check dtypes and lengths; these functions only require `mgup_dist.native.library()` to be loaded. Passes
 over whole tensors split into `mgup_dist.native.threads.parts` ranges that torch's OpenMP team runs; results
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
-from typing import NamedTuple
+from typing import NamedTuple, Union
 
 import numpy as np
 import torch
@@ -19,7 +19,8 @@ import torch
 from mgup_dist.native import library
 from mgup_dist.native.threads import parts, workers
 
-FLOAT = 4  # bytes per float32
+Array = Union[np.ndarray, torch.Tensor]  # a 1-D numpy array, or a `usable` tensor
+
 _BAND_SHARE = 16  # a range's band buffer starts at 1/16 of its length plus _BAND_MIN (grown when that overflows)
 _BAND_MIN = 1024
 _SAMPLES_PER_PART = 2048  # a strided gather splits over threads in ranges of at least this many scores (each a cache miss)
@@ -52,10 +53,12 @@ _DTYPES = (torch.float32, torch.bool)
 def usable(*tensors: torch.Tensor | None) -> bool:
     """Whether the kernels can read these tensors: loaded, and each (None aside) a 1-D contiguous CPU tensor,
     float32 or bool."""
-    return library() is not None and all(
-        t is None or (t.device.type == "cpu" and t.dim() == 1 and t.is_contiguous() and t.dtype in _DTYPES)
-        for t in tensors
-    )
+    if library() is None:
+        return False
+    for t in tensors:
+        if t is not None and not (t.is_cpu and t.dim() == 1 and t.is_contiguous() and t.dtype in _DTYPES):
+            return False
+    return True
 
 
 _workspaces = threading.local()
@@ -71,12 +74,15 @@ def _workspace(name: str, size: int, dtype: type) -> np.ndarray:
     return buffer[:size]
 
 
-def _address(array: np.ndarray | None, offset: int = 0, itemsize: int = FLOAT) -> int | None:
-    return None if array is None else array.ctypes.data + offset * itemsize
+def _address(array: Array | None) -> int | None:
+    """The first element's address of a numpy array or a CPU tensor (None passes through)."""
+    if array is None:
+        return None
+    return array.data_ptr() if isinstance(array, torch.Tensor) else array.ctypes.data
 
 
 def count_band(
-    a: np.ndarray, b: np.ndarray | None, lower: float, upper: float, collect: bool, mask: np.ndarray | None = None,
+    a: Array, b: Array | None, lower: float, upper: float, collect: bool, mask: Array | None = None,
     quotient: Quotient | None = None,
 ) -> Counts:
     """One pass over the scores counting those above ``upper`` and in ``(lower, upper]`` (collected into
@@ -92,8 +98,8 @@ def count_band(
         where = _workspace("where", capacity * count, np.int64) if collect and mask is not None else None
         out = np.zeros((count, 4), dtype=np.int64)
         library().mgup_count_band(_address(a), _address(b), _address(v), eps, _address(u), n, lower, upper,
-                                  _address(band), _address(where, 0, 8), capacity, _address(mask, 0, 1),
-                                  _address(out, 0, 8), count)
+                                  _address(band), _address(where), capacity, _address(mask),
+                                  _address(out), count)
         if not collect or out[:, 3].max() <= capacity:
             break
         capacity = int(out[:, 3].max())  # rare: a band wider than the guess; collect it again, whole
@@ -106,7 +112,7 @@ def count_band(
 
 def fill_mask(a: np.ndarray, b: np.ndarray | None, value: float, cut: int, out: np.ndarray) -> None:
     """``out[:cut] = s[:cut] >= value`` and ``out[cut:] = s[cut:] > value`` (bool ``out``, the scores' length)."""
-    library().mgup_fill_mask(_address(a), _address(b), len(a), value, cut, _address(out, 0, 1), parts(len(a)))
+    library().mgup_fill_mask(_address(a), _address(b), len(a), value, cut, _address(out), parts(len(a)))
 
 
 def locate_ties(a: np.ndarray, b: np.ndarray | None, value: float, r: int) -> int:
@@ -121,20 +127,20 @@ def locate_ties(a: np.ndarray, b: np.ndarray | None, value: float, r: int) -> in
 def mark_ties(a: np.ndarray, b: np.ndarray | None, value: float, r: int, mask: np.ndarray) -> None:
     """Sets ``mask`` (bool, the scores' length) True at the first ``r`` scores equal to ``value`` in index
     order, reading only up to the r-th; `ValueError` if there are fewer."""
-    marked = library().mgup_mark_ties(_address(a), _address(b), len(a), value, r, _address(mask, 0, 1))
+    marked = library().mgup_mark_ties(_address(a), _address(b), len(a), value, r, _address(mask))
     if marked < r:
         raise ValueError(f"fewer than {r} scores equal {value}")
 
 
-def masked_update(param: np.ndarray, direction: np.ndarray, mask: np.ndarray, high: float, low: float,
+def masked_update(param: Array, direction: Array, mask: Array, high: float, low: float,
                   alpha: float) -> None:
     """``param += alpha·(direction·Φ)``, Φ = ``high`` where ``mask`` else ``low`` (all float32 except the bool
     mask), each product rounded to float32 and the update fused (see ``mgup_masked_update``)."""
-    library().mgup_masked_update(_address(param), _address(direction), _address(mask, 0, 1), len(param), high, low,
+    library().mgup_masked_update(_address(param), _address(direction), _address(mask), len(param), high, low,
                                  alpha, parts(len(param)))
 
 
-def adam_direction(m: np.ndarray, v: np.ndarray, eps: float, u: np.ndarray) -> None:
+def adam_direction(m: Array, v: Array, eps: float, u: Array) -> None:
     """``u = m/(sqrt(v) + eps)`` (float32 arrays of one length; ``u`` may be ``m`` or ``v``), each operation
     correctly rounded to float32 (bit for bit numpy's ``sqrt``, then torch's ``add_`` and ``div``)."""
     library().mgup_adam_direction(_address(m), _address(v), len(m), eps, _address(u), parts(len(m)))
@@ -179,9 +185,9 @@ def select_sampled(a: np.ndarray, b: np.ndarray | None, quotient: Quotient | Non
     keys, work = (_workspace(name, max(len(pool), capacity * count), np.uint32) for name in ("keys", "order"))
     counts = _workspace("counts", 4 * count, np.int64)
     return int(library().mgup_select_sampled(
-        _address(a), _address(b), _address(v), eps, _address(u), n, k, _address(mask, 0, 1), _address(pool),
-        len(pool), margin_sd, _address(band), _address(where, 0, 8), capacity, _address(keys), _address(work),
-        _address(counts, 0, 8), count,
+        _address(a), _address(b), _address(v), eps, _address(u), n, k, _address(mask), _address(pool),
+        len(pool), margin_sd, _address(band), _address(where), capacity, _address(keys), _address(work),
+        _address(counts), count,
     ))
 
 
@@ -190,15 +196,15 @@ def settle_band(counts: Counts, value: float, r: int, mask: np.ndarray) -> None:
     k-th score ``value`` in that band: ``mask`` at the band's positions becomes ``score > value``, or True for
     the first ``r`` scores equal to ``value`` in flat order."""
     band, where = np.ascontiguousarray(counts.band), np.ascontiguousarray(counts.where)
-    library().mgup_settle_band(_address(band), _address(where, 0, 8), len(band), value, r, _address(mask, 0, 1))
+    library().mgup_settle_band(_address(band), _address(where), len(band), value, r, _address(mask))
 
 
-def topk_small(a: np.ndarray, b: np.ndarray | None, k: int, mask: np.ndarray) -> int:
+def topk_small(a: Array, b: Array | None, k: int, mask: Array) -> int:
     """The whole exact top-k selection (``1 <= k < n``, ties to the lowest indices) into bool ``mask`` in one
     call, for tensors too small for sampling to pay; returns the number of non-finite scores (the mask is not
     written when there are any)."""
     work = _workspace("small", 2 * len(a), np.float32)
-    return int(library().mgup_topk_small(_address(a), _address(b), len(a), k, _address(mask, 0, 1), _address(work)))
+    return int(library().mgup_topk_small(_address(a), _address(b), len(a), k, _address(mask), _address(work)))
 
 
 def order_statistics(values: np.ndarray, ranks: list[int]) -> list[float]:
@@ -207,6 +213,6 @@ def order_statistics(values: np.ndarray, ranks: list[int]) -> list[float]:
     values = np.ascontiguousarray(values)
     wanted, out = np.asarray(ranks, dtype=np.int64), np.empty(len(ranks), dtype=np.float32)
     keys, work = (_workspace(name, len(values), np.uint32) for name in ("keys", "order"))
-    library().mgup_order_statistics(_address(values), len(values), _address(wanted, 0, 8), len(wanted),
+    library().mgup_order_statistics(_address(values), len(values), _address(wanted), len(wanted),
                                     _address(out), _address(keys), _address(work))
     return [float(x) for x in out]

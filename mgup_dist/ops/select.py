@@ -232,15 +232,15 @@ def _native_mask(
     n = a.numel()
     if quotient is not None and (n < SAMPLE_FROM or k in (0, n)):
         a, quotient = quotient.form(), None
-    av, bv, out = a.detach().numpy(), None if b is None else b.detach().numpy(), mask.numpy()
     if n == 0:
         return mask
     if k in (0, n):
-        require_finite(kernels.count_band(av, bv, 0.0, 0.0, collect=False).nonfinite)
+        require_finite(kernels.count_band(a, b, 0.0, 0.0, collect=False).nonfinite)
         return mask.fill_(k == n)
     if n < SAMPLE_FROM:
-        require_finite(kernels.topk_small(av, bv, k, out))
+        require_finite(kernels.topk_small(a, b, k, mask))
         return mask
+    av, bv, out = a.detach().numpy(), None if b is None else b.detach().numpy(), mask.numpy()
     pool = _native_sample(av, bv, quotient)
     outcome = kernels.select_sampled(av, bv, quotient and quotient.operands(), k, out, pool, _MARGIN_SD)
     if quotient is not None:

@@ -32,7 +32,7 @@ def adam_direction(
     go through one native pass (`mgup_dist.native.kernels.adam_direction`), bit for bit the portable one."""
     out = torch.empty_like(exp_avg_sq) if out is None else out
     if exp_avg.dtype == torch.float32 and kernels.usable(exp_avg, exp_avg_sq, out) and out.dtype == torch.float32:
-        kernels.adam_direction(*(t.detach().numpy() for t in (exp_avg, exp_avg_sq)), eps, out.detach().numpy())
+        kernels.adam_direction(exp_avg, exp_avg_sq, eps, out)
         return out
     denom = _correct_sqrt(exp_avg_sq, out).add_(eps)
     return torch.div(exp_avg, denom, out=denom)

@@ -106,8 +106,7 @@ def masked_step(
     """
     values = _factors(high, low, direction.dtype)
     if param.dtype == direction.dtype == torch.float32 and kernels.usable(param, direction, selected):
-        arrays = (t.detach().numpy() for t in (param, direction, selected))
-        kernels.masked_update(*arrays, values.high, values.low, -step_size)
+        kernels.masked_update(param, direction, selected, values.high, values.low, -step_size)
         return
     size = _block_size(direction)
     buffer = torch.empty(min(size, direction.numel()), dtype=direction.dtype, device=direction.device)
