@@ -37,7 +37,10 @@ SOURCES = tuple(
     Path(__file__).with_name(name) for name in ("select_kernels.c", "sampled_select.c", "update_kernels.c")
 )
 HEADER = Path(__file__).with_name("kernels.h")
-FLAGS = ("-O3", "-fPIC", "-shared", "-std=c11", "-ffp-contract=off", "-fno-math-errno", "-fopenmp")
+FLAGS = (
+    "-O3", "-fPIC", "-shared", "-std=c11", "-ffp-contract=off", "-fno-math-errno", "-fopenmp",
+    "-Werror=implicit-function-declaration",
+)
 MODES = ("auto", "0", "1")
 
 _i64, _f32, _f64, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_double, ctypes.c_void_p

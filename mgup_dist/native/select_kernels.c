@@ -349,15 +349,6 @@ static inline float key_value(uint32_t key)
     return x;
 }
 
-static const int key_shifts[3] = {21, 10, 0};
-static const uint32_t key_widths[3] = {11, 11, 10};
-
-/* The digit of key at position `digit` (0: the top 11 bits). */
-static inline uint32_t key_digit(uint32_t key, int digit)
-{
-    return (key >> key_shifts[digit]) & ((1u << key_widths[digit]) - 1);
-}
-
 /* Which bin of count[] holds the rank-th (0-based) key; *rank becomes the rank within that bin. */
 static inline uint32_t choose_bin(const int64_t *count, int64_t *rank)
 {
@@ -369,54 +360,89 @@ static inline uint32_t choose_bin(const int64_t *count, int64_t *rank)
     return chosen;
 }
 
-/* The rank-th smallest of keys[0, n), all of whose digits before `digit` are prefix's (keys is overwritten). */
-static uint32_t radix_select(uint32_t *keys, int64_t n, int64_t rank, int digit, uint32_t prefix)
+/* The rank-th smallest (0-based, rank < n) of keys[0, n), all of which agree with prefix above bit `top` (top
+ * -1: all equal to prefix), by radix select on digits of up to 11 bits from bit `top` down. keys is overwritten
+ * (the candidates are compacted into it without a branch per key). */
+static uint32_t radix_select(uint32_t *keys, int64_t n, int64_t rank, int top, uint32_t prefix)
 {
     int64_t count[2048];
-    for (; digit < 3; digit++) {
-        memset(count, 0, sizeof count);
+    while (top >= 0) {
+        int width = top + 1 < 11 ? top + 1 : 11, shift = top + 1 - width;
+        uint32_t digits = (1u << width) - 1;
+        memset(count, 0, ((size_t)digits + 1) * sizeof(int64_t));
         for (int64_t i = 0; i < n; i++)
-            count[key_digit(keys[i], digit)]++;
+            count[(keys[i] >> shift) & digits]++;
         uint32_t chosen = choose_bin(count, &rank);
-        prefix |= chosen << key_shifts[digit];
+        prefix |= chosen << shift;
         int64_t kept = 0;
-        for (int64_t i = 0; i < n; i++)
-            if (key_digit(keys[i], digit) == chosen)
-                keys[kept++] = keys[i];
+        for (int64_t i = 0; i < n; i++) {
+            uint32_t key = keys[i];
+            keys[kept] = key;
+            kept += ((key >> shift) & digits) == chosen;
+        }
         n = kept;
+        top = shift - 1;
     }
     return prefix;
 }
 
-/* The rank-th smallest (0-based, 0 <= rank < n) of finite values[0, n), by a three-digit radix select on the
- * values' order-preserving keys (-0.0 orders just below +0.0, which the callers treat as equal). values is
- * overwritten (it holds the candidate keys). */
+/* keys[i] = order_key(values[i]) for i < n (n >= 1); returns the highest bit at which two keys differ (-1 when
+ * all are equal), so every key agrees with keys[0] above it. */
+static int form_keys(const float *values, int64_t n, uint32_t *keys)
+{
+    uint32_t first = order_key(values[0]), differ = 0;
+    for (int64_t i = 0; i < n; i++) {
+        keys[i] = order_key(values[i]);
+        differ |= keys[i] ^ first;
+    }
+    return differ ? 31 - __builtin_clz(differ) : -1;
+}
+
+/* The bits of key above bit top (-1 <= top <= 31). */
+static inline uint32_t above_bit(uint32_t key, int top)
+{
+    if (top < 0)
+        return key;
+    return top >= 31 ? 0 : key & ~((2u << top) - 1);
+}
+
+/* The rank-th smallest (0-based, 0 <= rank < n) of finite values[0, n), by radix select on the values'
+ * order-preserving keys (-0.0 orders just below +0.0, which the callers treat as equal), from the highest bit at
+ * which they differ. values is overwritten (it holds the candidate keys). */
 static float order_statistic(float *values, int64_t n, int64_t rank)
 {
     uint32_t *keys = (uint32_t *)values;
-    for (int64_t i = 0; i < n; i++)
-        keys[i] = order_key(values[i]);
-    return key_value(radix_select(keys, n, rank, 0, 0));
+    int top = form_keys(values, n, keys);
+    return key_value(radix_select(keys, n, rank, top, above_bit(keys[0], top)));
 }
 
-/* out[j] = the ranks[j]-th smallest (0-based, each in [0, n)) of finite values[0, n), left unchanged: the keys
- * and their top-digit counts are formed once for all ranks. keys and work hold n uint32 each. */
+/* out[j] = the ranks[j]-th smallest (0-based, each in [0, n)) of finite values[0, n) (n >= 1), left unchanged:
+ * the keys and the counts of their first digit are formed once for all ranks. keys and work hold n uint32
+ * each. */
 void mgup_order_statistics(const float *values, int64_t n, const int64_t *ranks, int64_t count, float *out,
                            uint32_t *keys, uint32_t *work)
 {
-    int64_t bins[2048] = {0};
-    for (int64_t i = 0; i < n; i++) {
-        float x = values[i];
-        keys[i] = order_key(x);
-        bins[key_digit(keys[i], 0)]++;
+    int top = form_keys(values, n, keys);
+    uint32_t prefix = above_bit(keys[0], top);
+    if (top < 0) {
+        for (int64_t j = 0; j < count; j++)
+            out[j] = key_value(prefix);
+        return;
     }
+    int width = top + 1 < 11 ? top + 1 : 11, shift = top + 1 - width;
+    uint32_t digits = (1u << width) - 1;
+    int64_t bins[2048] = {0};
+    for (int64_t i = 0; i < n; i++)
+        bins[(keys[i] >> shift) & digits]++;
     for (int64_t j = 0; j < count; j++) {
         int64_t rank = ranks[j], kept = 0;
         uint32_t chosen = choose_bin(bins, &rank);
-        for (int64_t i = 0; i < n; i++)
-            if (key_digit(keys[i], 0) == chosen)
-                work[kept++] = keys[i];
-        out[j] = key_value(radix_select(work, kept, rank, 1, chosen << key_shifts[0]));
+        for (int64_t i = 0; i < n; i++) {
+            uint32_t key = keys[i];
+            work[kept] = key;
+            kept += ((key >> shift) & digits) == chosen;
+        }
+        out[j] = key_value(radix_select(work, kept, rank, shift - 1, prefix | chosen << shift));
     }
 }
 
