@@ -241,7 +241,7 @@ def paired_line(ratios: list[float]) -> str:
     low, middle, high = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
     return (
         f"Interleaved ({len(ratios)} pairs of steps, MGUP-AdamW and our AdamW alive together and stepping in "
-        f"turns): MGUP-AdamW takes {statistics.median(ratios):.2f}x our AdamW's step per pair (quartiles "
+        f"turns): MGUP-AdamW takes {middle:.2f}x our AdamW's step per pair (quartiles "
         f"{low:.2f}x-{high:.2f}x; target <= 1.3x)."
     )
 

@@ -1,8 +1,9 @@
 """Python side of the native kernels: ranges split over threads, results combined in index order.
 
 Arrays are 1-D C-contiguous numpy views of CPU tensors, or the tensors themselves (`usable` ones): scores ``a``
-(float32), with ``b`` (float32, same length) when the scores are the products ``a·b`` (see `mgup_dist.rules.requests.ScoreProduct`), masks bool. A counting
-pass may also form an Adam direction ``u = a/(sqrt(v) + eps)`` and count the scores ``u·b`` (a `Quotient`). Callers
+(float32), with ``b`` (float32, same length) when the scores are the products ``a·b`` (see
+`mgup_dist.rules.requests.ScoreProduct`), masks bool. A pass may also form an Adam direction
+``u = a/(sqrt(v) + eps)`` and take the scores ``u·b`` (a `Quotient`). Callers
 check dtypes and lengths; these functions only require `mgup_dist.native.library()` to be loaded. Passes
 over whole tensors split into `mgup_dist.native.threads.parts` ranges that torch's OpenMP team runs; results
 never depend on the thread count.
@@ -74,6 +75,16 @@ def _workspace(name: str, size: int, dtype: type) -> np.ndarray:
     return buffer[:size]
 
 
+def _first_capacity(n: int, count: int) -> int:
+    """Each of ``count`` ranges' band room in a first counting pass over ``n`` scores (see `_BAND_SHARE`)."""
+    return n // count // _BAND_SHARE + _BAND_MIN
+
+
+def _key_buffers(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The two uint32 buffers (keys, work) of ``size`` entries that the radix order statistics need."""
+    return _workspace("keys", size, np.uint32), _workspace("order", size, np.uint32)
+
+
 def _address(array: Array | None) -> int | None:
     """The first element's address of a numpy array or a CPU tensor (None passes through)."""
     if array is None:
@@ -92,7 +103,7 @@ def count_band(
     direction ``u`` the pass forms from ``a`` (see `Quotient`)."""
     v, eps, u = quotient if quotient is not None else (None, 0.0, None)
     n, count = len(a), parts(len(a))
-    capacity = n // count // _BAND_SHARE + _BAND_MIN if collect else 0
+    capacity = _first_capacity(n, count) if collect else 0
     while True:
         band = _workspace("band", capacity * count, np.float32) if collect else None
         where = _workspace("where", capacity * count, np.int64) if collect and mask is not None else None
@@ -146,10 +157,12 @@ def adam_direction(m: Array, v: Array, eps: float, u: Array) -> None:
     library().mgup_adam_direction(_address(m), _address(v), len(m), eps, _address(u), parts(len(m)))
 
 
-def sample_scores(a: np.ndarray, b: np.ndarray | None, v: np.ndarray | None, eps: float, start: int,
+def sample_scores(a: np.ndarray, b: np.ndarray | None, quotient: Quotient | None, start: int,
                   stride: int) -> np.ndarray:
     """The scores at ``start, start + stride, ...`` (``0 <= start``, ``stride >= 1``) in a fresh float32 array:
-    ``a`` (times ``b``), or with ``v`` the quotient ``a/(sqrt(v) + eps)`` times ``b`` (see `Quotient`)."""
+    ``a`` (times ``b``), or with a ``quotient`` the direction it forms from ``a`` times ``b`` (``u`` is not
+    written)."""
+    v, eps = (None, 0.0) if quotient is None else quotient[:2]
     out = np.empty(max(0, -(-(len(a) - start) // stride)), dtype=np.float32)
     count = max(1, min(workers(), len(out) // _SAMPLES_PER_PART))
     library().mgup_sample_scores(_address(a), _address(b), _address(v), eps, start, stride, len(out), _address(out),
@@ -166,7 +179,7 @@ def first_bracket(pool: np.ndarray, n: int, k: int, margin_sd: float) -> tuple[f
     `mgup_dist.ops.threshold` brackets first, computed in C."""
     pool = np.ascontiguousarray(pool)
     bracket = np.empty(2, dtype=np.float32)
-    keys, work = (_workspace(name, len(pool), np.uint32) for name in ("keys", "order"))
+    keys, work = _key_buffers(len(pool))
     library().mgup_first_bracket(_address(pool), len(pool), n, k, margin_sd, _address(bracket), _address(keys),
                                  _address(work))
     return float(bracket[0]), float(bracket[1])
@@ -179,10 +192,10 @@ def select_sampled(a: np.ndarray, b: np.ndarray | None, quotient: Quotient | Non
     bracket missed, or its band outgrew the buffers: the mask is unsettled, the quotient formed)."""
     v, eps, u = quotient if quotient is not None else (None, 0.0, None)
     n, count = len(a), parts(len(a))
-    capacity = n // count // _BAND_SHARE + _BAND_MIN
+    capacity = _first_capacity(n, count)
     band = _workspace("band", capacity * count, np.float32)
     where = _workspace("where", capacity * count, np.int64)
-    keys, work = (_workspace(name, max(len(pool), capacity * count), np.uint32) for name in ("keys", "order"))
+    keys, work = _key_buffers(max(len(pool), capacity * count))
     counts = _workspace("counts", 4 * count, np.int64)
     return int(library().mgup_select_sampled(
         _address(a), _address(b), _address(v), eps, _address(u), n, k, _address(mask), _address(pool),
@@ -212,7 +225,7 @@ def order_statistics(values: np.ndarray, ranks: list[int]) -> list[float]:
     unchanged), by radix select, all ranks in one call."""
     values = np.ascontiguousarray(values)
     wanted, out = np.asarray(ranks, dtype=np.int64), np.empty(len(ranks), dtype=np.float32)
-    keys, work = (_workspace(name, len(values), np.uint32) for name in ("keys", "order"))
+    keys, work = _key_buffers(len(values))
     library().mgup_order_statistics(_address(values), len(values), _address(wanted), len(wanted),
                                     _address(out), _address(keys), _address(work))
     return [float(x) for x in out]

@@ -360,6 +360,14 @@ static inline uint32_t choose_bin(const int64_t *count, int64_t *rank)
     return chosen;
 }
 
+/* The digit that ends at bit top (0 <= top <= 31): up to 11 bits; returns its shift, *digits its bit mask. */
+static inline int digit_at(int top, uint32_t *digits)
+{
+    int width = top + 1 < 11 ? top + 1 : 11;
+    *digits = (1u << width) - 1;
+    return top + 1 - width;
+}
+
 /* The rank-th smallest (0-based, rank < n) of keys[0, n), all of which agree with prefix above bit `top` (top
  * -1: all equal to prefix), by radix select on digits of up to 11 bits from bit `top` down. keys is overwritten
  * (the candidates are compacted into it without a branch per key). */
@@ -367,8 +375,8 @@ static uint32_t radix_select(uint32_t *keys, int64_t n, int64_t rank, int top, u
 {
     int64_t count[2048];
     while (top >= 0) {
-        int width = top + 1 < 11 ? top + 1 : 11, shift = top + 1 - width;
-        uint32_t digits = (1u << width) - 1;
+        uint32_t digits;
+        int shift = digit_at(top, &digits);
         memset(count, 0, ((size_t)digits + 1) * sizeof(int64_t));
         for (int64_t i = 0; i < n; i++)
             count[(keys[i] >> shift) & digits]++;
@@ -429,8 +437,8 @@ void mgup_order_statistics(const float *values, int64_t n, const int64_t *ranks,
             out[j] = key_value(prefix);
         return;
     }
-    int width = top + 1 < 11 ? top + 1 : 11, shift = top + 1 - width;
-    uint32_t digits = (1u << width) - 1;
+    uint32_t digits;
+    int shift = digit_at(top, &digits);
     int64_t bins[2048] = {0};
     for (int64_t i = 0; i < n; i++)
         bins[(keys[i] >> shift) & digits]++;

@@ -40,7 +40,7 @@ from mgup_dist import native
 from mgup_dist.native import kernels
 from mgup_dist.native.threads import map_ranges
 from mgup_dist.ops.threshold import (
-    _MARGIN_SD,
+    MARGIN_SD,
     Interval,
     Threshold,
     Values,
@@ -167,13 +167,12 @@ def _sample(values: Values, density: float = 2.0) -> Values:
     return values[stride // 2 :: stride]
 
 
-def _native_sample(a: np.ndarray, b: np.ndarray | None, quotient: AdamQuotient | None) -> np.ndarray:
+def _native_sample(a: np.ndarray, b: np.ndarray | None, quotient: kernels.Quotient | None) -> np.ndarray:
     """The scores at `_sample`'s positions (``NATIVE_DENSITY``) gathered in one native call: ``a`` (times ``b``),
     or with a ``quotient`` the direction formed from the sampled moments (``a`` is then its first moment)
     times ``b``; bit for bit the scores there."""
     stride = _stride(len(a), NATIVE_DENSITY)
-    second = None if quotient is None else quotient.exp_avg_sq.detach().numpy()
-    return kernels.sample_scores(a, b, second, quotient.eps if quotient is not None else 0.0, stride // 2, stride)
+    return kernels.sample_scores(a, b, quotient, stride // 2, stride)
 
 
 def kth_largest(scores: torch.Tensor, k: int, score_range: tuple[float, float] | None = None) -> Threshold:
@@ -241,8 +240,9 @@ def _native_mask(
         require_finite(kernels.topk_small(a, b, k, mask))
         return mask
     av, bv, out = a.detach().numpy(), None if b is None else b.detach().numpy(), mask.numpy()
-    pool = _native_sample(av, bv, quotient)
-    outcome = kernels.select_sampled(av, bv, quotient and quotient.operands(), k, out, pool, _MARGIN_SD)
+    operands = quotient and quotient.operands()
+    pool = _native_sample(av, bv, operands)
+    outcome = kernels.select_sampled(av, bv, operands, k, out, pool, MARGIN_SD)
     if quotient is not None:
         av, quotient.formed = quotient.out.numpy(), True
     require_finite(outcome == kernels.NONFINITE)

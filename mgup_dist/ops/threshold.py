@@ -27,7 +27,7 @@ from mgup_dist.rules.requests import NonFiniteScoresError
 
 Values = Union[np.ndarray, torch.Tensor]  # a 1-D float32 host (numpy) view of CPU scores, or the device tensor
 
-_MARGIN_SD = 2.5  # bracket half-width in standard deviations of the sample quantile (1.2% of passes miss)
+MARGIN_SD = 2.5  # bracket half-width in standard deviations of the sample quantile (1.2% of passes miss)
 _WIDEN = 4  # bracket growth after a pass that missed
 _MAX_PASSES = 4  # after this many sampled passes the whole remaining interval is collected
 
@@ -90,7 +90,7 @@ def _bracket(pool: Values, interval: Interval, k: int, widen: float) -> tuple[fl
     inside = interval.above_low - interval.above_high
     fraction = (k - interval.above_high) / inside  # T's rank from the top of the interval, as a fraction
     centre = size * (1 - fraction)
-    margin = widen * (_MARGIN_SD * math.sqrt(size * fraction * (1 - fraction)) + 1)
+    margin = widen * (MARGIN_SD * math.sqrt(size * fraction * (1 - fraction)) + 1)
     below_rank, above_rank = math.floor(centre - margin), math.ceil(centre + margin)
     ranks = [rank for rank in (below_rank, above_rank) if 0 <= rank < size]
     stats = dict(zip(ranks, _order_statistics(pool, ranks)))

@@ -209,10 +209,12 @@ def test_sample_scores_are_the_scores_at_the_strided_positions(start: int, strid
     m, v = moments(100_003, seed=8)
     g = np.random.default_rng(9).standard_normal(len(m)).astype(np.float32)
     at = slice(start, None, stride)
-    assert np.array_equal(kernels.sample_scores(m, None, None, 0.0, start, stride), m[at])
-    assert np.array_equal(kernels.sample_scores(m, g, None, 0.0, start, stride), (m * g)[at])
-    fused = kernels.sample_scores(m, g, v, 1e-8, start, stride)
+    assert np.array_equal(kernels.sample_scores(m, None, None, start, stride), m[at])
+    assert np.array_equal(kernels.sample_scores(m, g, None, start, stride), (m * g)[at])
+    u = np.full_like(m, np.nan)
+    fused = kernels.sample_scores(m, g, kernels.Quotient(v, 1e-8, u), start, stride)
     assert np.array_equal(fused, (quotient_reference(m, v, 1e-8) * g)[at], equal_nan=True)
+    assert np.isnan(u).all()  # the sample forms directions, it does not store them
 
 
 def test_counting_pass_without_avx2_is_the_same(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -113,7 +113,7 @@ def test_first_bracket_is_the_python_bracket(size: int, n: int, fraction: float,
         pool = np.round(pool).astype(np.float32)
     k = min(n - 1, max(1, int(fraction * n)))
     expected = threshold._bracket(pool, threshold.Interval(-np.inf, np.inf, n, 0), k, 1.0)
-    assert kernels.first_bracket(pool, n, k, threshold._MARGIN_SD) == expected
+    assert kernels.first_bracket(pool, n, k, threshold.MARGIN_SD) == expected
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
