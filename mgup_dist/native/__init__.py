@@ -1,5 +1,5 @@
-"""Native CPU kernels (`select_kernels.c`: MGUP's selection passes; `sampled_select.c`: the whole sampled
-selection of one tensor in one call; `update_kernels.c`: elementwise update steps), built with the system C
+"""Native CPU kernels (`count_pass.c`: the counting pass of MGUP's selection; `select_kernels.c`: its other passes;
+`sampled_select.c`: the whole sampled selection of one tensor in one call; `update_kernels.c`: elementwise update steps), built with the system C
 compiler on first use.
 
 `library()` returns the loaded `ctypes.CDLL`, or None when the kernels are unavailable; callers then take the
@@ -34,7 +34,7 @@ import torch
 logger = logging.getLogger("mgup_dist.native")
 
 SOURCES = tuple(
-    Path(__file__).with_name(name) for name in ("select_kernels.c", "sampled_select.c", "update_kernels.c")
+    Path(__file__).with_name(name) for name in ("count_pass.c", "select_kernels.c", "sampled_select.c", "update_kernels.c")
 )
 HEADER = Path(__file__).with_name("kernels.h")
 FLAGS = (
@@ -45,19 +45,19 @@ MODES = ("auto", "0", "1")
 
 _i64, _f32, _f64, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_double, ctypes.c_void_p
 SIGNATURES = {
-    "mgup_count_band": (None, [_ptr, _ptr, _ptr, _f32, _ptr, _i64, _f32, _f32, _ptr, _ptr, _i64, _ptr, _ptr, _i64]),
+    "mgup_count_band": (None, [_ptr, _ptr, _ptr, _f32, _ptr, _i64, _f32, _f32, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _i64]),
     "mgup_fill_mask": (None, [_ptr, _ptr, _i64, _f32, _i64, _ptr, _i64]),
     "mgup_locate_ties": (_i64, [_ptr, _ptr, _i64, _f32, _i64, _ptr]),
-    "mgup_mark_ties": (_i64, [_ptr, _ptr, _i64, _f32, _i64, _ptr]),
-    "mgup_masked_update": (None, [_ptr, _ptr, _ptr, _i64, _f32, _f32, _f32, _i64]),
+    "mgup_mark_ties": (_i64, [_ptr, _ptr, _i64, _f32, _i64, _ptr, _i64]),
+    "mgup_masked_update": (None, [_ptr, _ptr, _ptr, _i64, _i64, _f32, _f32, _f32, _i64]),
     "mgup_adam_direction": (None, [_ptr, _ptr, _i64, _f32, _ptr, _i64]),
     "mgup_order_statistics": (None, [_ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr]),
     "mgup_topk_small": (_i64, [_ptr, _ptr, _i64, _i64, _ptr, _ptr]),
     "mgup_sample_scores": (None, [_ptr, _ptr, _ptr, _f32, _i64, _i64, _i64, _ptr, _i64]),
     "mgup_first_bracket": (None, [_ptr, _i64, _i64, _i64, _f64, _ptr, _ptr, _ptr]),
-    "mgup_select_sampled": (_i64, [_ptr, _ptr, _ptr, _f32, _ptr, _i64, _i64, _ptr, _ptr, _i64, _f64, _ptr, _ptr, _i64,
-                                   _ptr, _ptr, _ptr, _i64]),
-    "mgup_settle_band": (None, [_ptr, _ptr, _i64, _f32, _i64, _ptr]),
+    "mgup_select_sampled": (_i64, [_ptr, _ptr, _ptr, _f32, _ptr, _i64, _i64, _ptr, _i64, _ptr, _i64, _f64, _ptr, _ptr,
+                                   _i64, _ptr, _ptr, _ptr, _i64]),
+    "mgup_settle_band": (None, [_ptr, _ptr, _i64, _f32, _i64, _ptr, _i64]),
 }
 
 

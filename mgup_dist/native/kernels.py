@@ -2,7 +2,8 @@
 
 Arrays are 1-D C-contiguous numpy views of CPU tensors, or the tensors themselves (`usable` ones): scores ``a``
 (float32), with ``b`` (float32, same length) when the scores are the products ``a·b`` (see
-`mgup_dist.rules.requests.ScoreProduct`), masks bool. A pass may also form an Adam direction
+`mgup_dist.rules.requests.ScoreProduct`), masks bool, or where a function takes ``packed`` one bit per element
+(uint8 of `packed_size` bytes: element ``i`` is bit ``i % 8`` of byte ``i // 8``). A pass may also form an Adam direction
 ``u = a/(sqrt(v) + eps)`` and take the scores ``u·b`` (a `Quotient`). Callers
 check dtypes and lengths; these functions only require `mgup_dist.native.library()` to be loaded. Passes
 over whole tensors split into `mgup_dist.native.threads.parts` ranges that torch's OpenMP team runs; results
@@ -48,12 +49,12 @@ class Quotient(NamedTuple):
     u: np.ndarray
 
 
-_DTYPES = (torch.float32, torch.bool)
+_DTYPES = (torch.float32, torch.bool, torch.uint8)
 
 
 def usable(*tensors: torch.Tensor | None) -> bool:
     """Whether the kernels can read these tensors: loaded, and each (None aside) a 1-D contiguous CPU tensor,
-    float32 or bool."""
+    float32, bool or uint8 (packed bits)."""
     if library() is None:
         return False
     for t in tensors:
@@ -92,14 +93,19 @@ def _address(array: Array | None) -> int | None:
     return array.data_ptr() if isinstance(array, torch.Tensor) else array.ctypes.data
 
 
+def packed_size(n: int) -> int:
+    """Bytes of a packed mask of ``n`` elements."""
+    return (n + 7) // 8
+
+
 def count_band(
     a: Array, b: Array | None, lower: float, upper: float, collect: bool, mask: Array | None = None,
-    quotient: Quotient | None = None,
+    quotient: Quotient | None = None, packed: bool = False,
 ) -> Counts:
     """One pass over the scores counting those above ``upper`` and in ``(lower, upper]`` (collected into
-    ``band`` when ``collect``) and the non-finite ones. With a bool ``mask`` (the scores' length) the pass also
-    writes ``mask = s > upper`` and, when collecting, the band's positions into ``where``: the mask is then
-    exact everywhere but at those positions. With a ``quotient`` (and ``b``) the scores are ``u·b`` for the
+    ``band`` when ``collect``) and the non-finite ones. With a ``mask`` (bool of the scores' length, or packed
+    bits) the pass also writes ``mask = s > upper`` and, when collecting, the band's positions into ``where``:
+    the mask is then exact everywhere but at those positions. With a ``quotient`` (and ``b``) the scores are ``u·b`` for the
     direction ``u`` the pass forms from ``a`` (see `Quotient`)."""
     v, eps, u = quotient if quotient is not None else (None, 0.0, None)
     n, count = len(a), parts(len(a))
@@ -109,7 +115,7 @@ def count_band(
         where = _workspace("where", capacity * count, np.int64) if collect and mask is not None else None
         out = np.zeros((count, 4), dtype=np.int64)
         library().mgup_count_band(_address(a), _address(b), _address(v), eps, _address(u), n, lower, upper,
-                                  _address(band), _address(where), capacity, _address(mask),
+                                  _address(band), _address(where), capacity, _address(mask), packed,
                                   _address(out), count)
         if not collect or out[:, 3].max() <= capacity:
             break
@@ -135,20 +141,22 @@ def locate_ties(a: np.ndarray, b: np.ndarray | None, value: float, r: int) -> in
     return int(cut)
 
 
-def mark_ties(a: np.ndarray, b: np.ndarray | None, value: float, r: int, mask: np.ndarray) -> None:
-    """Sets ``mask`` (bool, the scores' length) True at the first ``r`` scores equal to ``value`` in index
-    order, reading only up to the r-th; `ValueError` if there are fewer."""
-    marked = library().mgup_mark_ties(_address(a), _address(b), len(a), value, r, _address(mask))
+def mark_ties(a: np.ndarray, b: np.ndarray | None, value: float, r: int, mask: np.ndarray,
+              packed: bool = False) -> None:
+    """Sets ``mask`` (bool, the scores' length, or packed bits) True at the first ``r`` scores equal to ``value``
+    in index order, reading only up to the r-th; `ValueError` if there are fewer."""
+    marked = library().mgup_mark_ties(_address(a), _address(b), len(a), value, r, _address(mask), packed)
     if marked < r:
         raise ValueError(f"fewer than {r} scores equal {value}")
 
 
-def masked_update(param: Array, direction: Array, mask: Array, high: float, low: float,
-                  alpha: float) -> None:
-    """``param += alpha·(direction·Φ)``, Φ = ``high`` where ``mask`` else ``low`` (all float32 except the bool
-    mask), each product rounded to float32 and the update fused (see ``mgup_masked_update``)."""
-    library().mgup_masked_update(_address(param), _address(direction), _address(mask), len(param), high, low,
-                                 alpha, parts(len(param)))
+def masked_update(param: Array, direction: Array, mask: Array, high: float, low: float, alpha: float,
+                  packed: bool = False) -> None:
+    """``param += alpha·(direction·Φ)``, Φ = ``high`` where ``mask`` else ``low`` (all float32 except the
+    mask: bool, or packed bits), each product rounded to float32 and the update fused (see
+    ``mgup_masked_update``)."""
+    library().mgup_masked_update(_address(param), _address(direction), _address(mask), packed, len(param), high,
+                                 low, alpha, parts(len(param)))
 
 
 def adam_direction(m: Array, v: Array, eps: float, u: Array) -> None:
@@ -185,11 +193,11 @@ def first_bracket(pool: np.ndarray, n: int, k: int, margin_sd: float) -> tuple[f
     return float(bracket[0]), float(bracket[1])
 
 
-def select_sampled(a: np.ndarray, b: np.ndarray | None, quotient: Quotient | None, k: int, mask: np.ndarray,
-                   pool: np.ndarray, margin_sd: float) -> int:
-    """The exact top-k (``1 <= k < n``) of the scores (see `count_band`) into bool ``mask`` from the sample
-    ``pool`` in one native call (``mgup_select_sampled``): `SELECTED`, `NONFINITE`, or `MISSED` (the first
-    bracket missed, or its band outgrew the buffers: the mask is unsettled, the quotient formed)."""
+def select_sampled(a: np.ndarray, b: np.ndarray | None, quotient: Quotient | None, k: int, mask: Array,
+                   pool: np.ndarray, margin_sd: float, packed: bool = False) -> int:
+    """The exact top-k (``1 <= k < n``) of the scores (see `count_band`) into ``mask`` (bool, or packed bits)
+    from the sample ``pool`` in one native call (``mgup_select_sampled``): `SELECTED`, `NONFINITE`, or `MISSED`
+    (the first bracket missed, or its band outgrew the buffers: the mask is unsettled, the quotient formed)."""
     v, eps, u = quotient if quotient is not None else (None, 0.0, None)
     n, count = len(a), parts(len(a))
     capacity = _first_capacity(n, count)
@@ -198,18 +206,18 @@ def select_sampled(a: np.ndarray, b: np.ndarray | None, quotient: Quotient | Non
     keys, work = _key_buffers(max(len(pool), capacity * count))
     counts = _workspace("counts", 4 * count, np.int64)
     return int(library().mgup_select_sampled(
-        _address(a), _address(b), _address(v), eps, _address(u), n, k, _address(mask), _address(pool),
+        _address(a), _address(b), _address(v), eps, _address(u), n, k, _address(mask), packed, _address(pool),
         len(pool), margin_sd, _address(band), _address(where), capacity, _address(keys), _address(work),
         _address(counts), count,
     ))
 
 
-def settle_band(counts: Counts, value: float, r: int, mask: np.ndarray) -> None:
-    """After a counting pass that wrote ``mask`` and collected its band (`count_band` with a mask), with the
-    k-th score ``value`` in that band: ``mask`` at the band's positions becomes ``score > value``, or True for
-    the first ``r`` scores equal to ``value`` in flat order."""
+def settle_band(counts: Counts, value: float, r: int, mask: np.ndarray, packed: bool = False) -> None:
+    """After a counting pass that wrote ``mask`` (bool, or packed bits) and collected its band (`count_band` with a
+    mask), with the k-th score ``value`` in that band: ``mask`` at the band's positions becomes ``score >
+    value``, or True for the first ``r`` scores equal to ``value`` in flat order."""
     band, where = np.ascontiguousarray(counts.band), np.ascontiguousarray(counts.where)
-    library().mgup_settle_band(_address(band), _address(where), len(band), value, r, _address(mask))
+    library().mgup_settle_band(_address(band), _address(where), len(band), value, r, _address(mask), packed)
 
 
 def topk_small(a: Array, b: Array | None, k: int, mask: Array) -> int:

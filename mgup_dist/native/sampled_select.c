@@ -64,7 +64,7 @@ void mgup_first_bracket(const float *pool, int64_t size, int64_t n, int64_t k, d
     for (int j = 0; j < 2; j++)
         if (ranks[j] >= 0 && ranks[j] < size)
             wanted[count++] = ranks[j];
-    mgup_order_statistics(pool, size, wanted, count, stats, keys, work);
+    mgup_segment_order_statistics(pool, size, &size, 1, wanted, count, stats, keys, work);
     int used = 0;
     float lower = ranks[0] >= 0 && ranks[0] < size ? stats[used++] : -INFINITY;
     float upper = ranks[1] >= 0 && ranks[1] < size ? float_below(stats[used]) : INFINITY;
@@ -72,18 +72,34 @@ void mgup_first_bracket(const float *pool, int64_t size, int64_t n, int64_t k, d
     bracket[1] = lower <= upper ? upper : lower;
 }
 
+/* Settles the band of a counting pass over `parts` ranges (range t's band scores at band + t*capacity, their
+ * positions at where + t*capacity, lengths[t] of each) once its k-th score value is known, with r of the k still
+ * to choose among the band: those above value, then the first ties in flat order. */
+static void settle_parts(const float *band, const int64_t *where, int64_t capacity, const int64_t *lengths,
+                         int64_t parts, float value, int64_t r, uint8_t *mask, int64_t packed)
+{
+    for (int64_t t = 0; t < parts; t++)
+        for (int64_t j = 0; j < lengths[t]; j++)
+            r -= band[t * capacity + j] > value;
+    for (int64_t t = 0; t < parts; t++) { /* the ties left for later ranges: r less the ties settled here */
+        mgup_settle_band(band + t * capacity, where + t * capacity, lengths[t], value, r, mask, packed);
+        for (int64_t j = 0; j < lengths[t] && r > 0; j++)
+            r -= band[t * capacity + j] == value;
+    }
+}
+
 /* Outcomes of mgup_select_sampled. */
 enum { SELECTED = 0, MISSED = 1, NONFINITE = 2 };
 
 /* The exact top-k (1 <= k < n) of the scores (as in mgup_count_band: a, a*b, or with v the quotient
- * adam_quotient(a, v, eps), written to u, times b) into mask, ties to the lowest indices, from the sample
- * pool[0, size): SELECTED, or NONFINITE (some score is NaN or infinite), or MISSED (the first bracket did not
+ * adam_quotient(a, v, eps), written to u, times b) into mask (bool bytes, or bits when packed), ties to the
+ * lowest indices, from the sample pool[0, size): SELECTED, or NONFINITE (some score is NaN or infinite), or MISSED (the first bracket did not
  * hold the k-th score, or a range's band outgrew `capacity`; the mask is then unsettled and the caller
  * searches on, with u formed). band and where hold parts*capacity entries; keys and work max(size,
  * parts*capacity) uint32 each; counts 4*parts int64 (mgup_count_band's out). */
 int64_t mgup_select_sampled(const float *a, const float *b, const float *v, float eps, float *u, int64_t n,
-                            int64_t k, uint8_t *mask, const float *pool, int64_t size, double margin_sd,
-                            float *band, int64_t *where, int64_t capacity, uint32_t *keys, uint32_t *work,
+                            int64_t k, uint8_t *mask, int64_t packed, const float *pool, int64_t size,
+                            double margin_sd, float *band, int64_t *where, int64_t capacity, uint32_t *keys, uint32_t *work,
                             int64_t *counts, int64_t parts)
 {
     float bracket[2];
@@ -91,13 +107,14 @@ int64_t mgup_select_sampled(const float *a, const float *b, const float *v, floa
     float lower = bracket[0], upper = bracket[1];
     int collect = lower != float_below(upper);
     mgup_count_band(a, b, v, eps, u, n, lower, upper, collect ? band : NULL, collect ? where : NULL, capacity, mask,
-                    counts, parts);
-    int64_t above = 0, inside = 0, nonfinite = 0, kept = 0;
+                    packed, counts, parts);
+    int64_t above = 0, inside = 0, nonfinite = 0, lengths[parts];
     for (int64_t t = 0; t < parts; t++) {
         above += counts[4 * t];
         inside += counts[4 * t + 1];
         nonfinite += counts[4 * t + 2];
-        if (counts[4 * t + 3] > capacity)
+        lengths[t] = counts[4 * t + 3];
+        if (lengths[t] > capacity)
             return nonfinite ? NONFINITE : MISSED;
     }
     if (nonfinite)
@@ -106,18 +123,10 @@ int64_t mgup_select_sampled(const float *a, const float *b, const float *v, floa
         return MISSED;
     const float *scores = v != NULL ? u : a;
     if (!collect) /* the bracket is one block of ties, all equal to upper: the first k - above join the mask */
-        return mgup_mark_ties(scores, b, n, upper, k - above, mask) == k - above ? SELECTED : MISSED;
-    for (int64_t t = 0; t < parts; t++) { /* the ranges' bands, in index order, into one */
-        int64_t length = counts[4 * t + 3];
-        memmove(band + kept, band + t * capacity, (size_t)length * sizeof(float));
-        memmove(where + kept, where + t * capacity, (size_t)length * sizeof(int64_t));
-        kept += length;
-    }
-    int64_t rank = kept - (k - above), over = 0;
+        return mgup_mark_ties(scores, b, n, upper, k - above, mask, packed) == k - above ? SELECTED : MISSED;
+    int64_t rank = inside - (k - above);
     float value;
-    mgup_order_statistics(band, kept, &rank, 1, &value, keys, work);
-    for (int64_t j = 0; j < kept; j++)
-        over += band[j] > value;
-    mgup_settle_band(band, where, kept, value, k - above - over, mask);
+    mgup_segment_order_statistics(band, capacity, lengths, parts, &rank, 1, &value, keys, work);
+    settle_parts(band, where, capacity, lengths, parts, value, k - above, mask, packed);
     return SELECTED;
 }

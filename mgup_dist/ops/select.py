@@ -50,7 +50,7 @@ from mgup_dist.ops.threshold import (
     search_threshold,
 )
 from mgup_dist.rules.adam_direction import AdamQuotient
-from mgup_dist.rules.requests import ScoreProduct, TopKMask
+from mgup_dist.rules.requests import PackedMask, ScoreProduct, TopKMask
 
 T = TypeVar("T")
 
@@ -218,11 +218,14 @@ def _check(scores: torch.Tensor, k: int, out: torch.Tensor | None) -> None:
 
 
 def _native_mask(
-    a: torch.Tensor, b: torch.Tensor | None, k: int, mask: torch.Tensor, quotient: AdamQuotient | None = None
-) -> torch.Tensor:
-    """`topk_mask` of the scores ``a`` (``a·b`` when ``b`` is given) through the native kernels. With a
-    ``quotient`` (`AdamQuotient.fusable`), ``a`` is its first moment and the scores are ``u·b`` for the direction
-    ``u`` that the first counting pass forms (small tensors form it first); afterwards ``(u, b)`` are the factors.
+    a: torch.Tensor, b: torch.Tensor | None, k: int, mask: torch.Tensor, quotient: AdamQuotient | None = None,
+    packed: bool = False,
+) -> torch.Tensor | PackedMask:
+    """`topk_mask` of the scores ``a`` (``a·b`` when ``b`` is given) through the native kernels, into the bool
+    ``mask``. With a ``quotient`` (`AdamQuotient.fusable`), ``a`` is its first moment and the scores are ``u·b``
+    for the direction ``u`` that the first counting pass forms (small tensors form it first); afterwards
+    ``(u, b)`` are the factors. When ``packed``, the usual selection of a sampled tensor answers a `PackedMask`
+    whose bits are the first bytes of ``mask``'s storage (an eighth of the mask's memory traffic).
 
     No min/max reduction: every counting pass also checks for NaN and infinity. Tensors too small to sample
     take one native call (`kernels.topk_small`); the others one call for the usual case
@@ -242,12 +245,14 @@ def _native_mask(
     av, bv, out = a.detach().numpy(), None if b is None else b.detach().numpy(), mask.numpy()
     operands = quotient and quotient.operands()
     pool = _native_sample(av, bv, operands)
-    outcome = kernels.select_sampled(av, bv, operands, k, out, pool, MARGIN_SD)
+    bits = mask.view(torch.uint8)[: kernels.packed_size(n)] if packed else mask
+    outcome = kernels.select_sampled(av, bv, operands, k, bits, pool, MARGIN_SD, packed)
     if quotient is not None:
         av, quotient.formed = quotient.out.numpy(), True
     require_finite(outcome == kernels.NONFINITE)
-    if outcome != kernels.SELECTED:
-        _native_search(av, bv, k, out, pool)
+    if outcome == kernels.SELECTED:
+        return PackedMask(bits, n) if packed else mask
+    _native_search(av, bv, k, out, pool)  # a bool mask: rare, and overwrites the bits
     return mask
 
 
@@ -284,11 +289,13 @@ def topk_mask_of_product(
     k: int,
     out: torch.Tensor | None = None,
     buffer: torch.Tensor | None = None,
-) -> torch.Tensor:
+    packed: bool = False,
+) -> torch.Tensor | PackedMask:
     """`topk_mask` of the float32 scores ``direction ⊙ grad`` (1-D tensors of one length), computed without
     writing the scores to memory when the native kernels can read the operands (both float32); otherwise the
     product is formed (`ScoreProduct.materialize`, into ``buffer`` when given) and passed to `topk_mask`. An
-    `AdamQuotient` direction is formed by the first counting pass when `AdamQuotient.fusable`, else first."""
+    `AdamQuotient` direction is formed by the first counting pass when `AdamQuotient.fusable`, else first.
+    ``packed``: the answer may be a `PackedMask` (see `_native_mask`)."""
     scores = ScoreProduct(direction, grad, buffer)
     shape = direction.out.shape if isinstance(direction, AdamQuotient) else direction.shape
     if shape != grad.shape:
@@ -296,13 +303,13 @@ def topk_mask_of_product(
     if isinstance(direction, AdamQuotient) and direction.fusable(grad) and kernels.usable(out):
         _check(direction.exp_avg, k, out)
         mask = torch.empty(grad.numel(), dtype=torch.bool) if out is None else out
-        return _native_mask(direction.exp_avg, grad, k, mask, direction)
+        return _native_mask(direction.exp_avg, grad, k, mask, direction, packed)
     direction = scores.direction_tensor()
     if not kernels.usable(direction, grad, out) or direction.dtype != torch.float32 or grad.dtype != torch.float32:
         return topk_mask(scores.materialize(), k, out)
     _check(direction, k, out)
     mask = torch.empty(direction.numel(), dtype=torch.bool) if out is None else out
-    return _native_mask(direction, grad, k, mask)
+    return _native_mask(direction, grad, k, mask, packed=packed)
 
 
 def topk_mask(scores: torch.Tensor, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -332,11 +339,13 @@ def topk_mask(scores: torch.Tensor, k: int, out: torch.Tensor | None = None) -> 
     return mask
 
 
-def request_mask(request: TopKMask) -> torch.Tensor:
+def request_mask(request: TopKMask) -> torch.Tensor | PackedMask:
     """The answer to a `TopKMask` whose segment is the whole tensor, into ``request.out`` when given: a
     `ScoreProduct` goes to `topk_mask_of_product` as its factors (the native kernels then never write the
-    scores, and form an unformed Adam direction in their first pass), plain scores to `topk_mask`."""
+    scores, form an unformed Adam direction in their first pass, and answer a `PackedMask` when the request
+    takes one), plain scores to `topk_mask`."""
     scores = request.scores
     if isinstance(scores, ScoreProduct):
-        return topk_mask_of_product(scores.direction, scores.grad, request.k, request.out, scores.buffer)
+        return topk_mask_of_product(scores.direction, scores.grad, request.k, request.out, scores.buffer,
+                                    request.packed)
     return topk_mask(scores, request.k, out=request.out)

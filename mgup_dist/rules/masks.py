@@ -14,7 +14,7 @@ from typing import Any, Callable, Generator, Mapping
 import torch
 
 from mgup_dist.native import kernels
-from mgup_dist.rules.requests import Request, ScoreProduct, TensorSum, TopKMask
+from mgup_dist.rules.requests import PackedMask, Request, ScoreProduct, TensorSum, TopKMask
 from mgup_dist.rules.slot import Slot
 from mgup_dist.shard.segment import Segment
 
@@ -94,10 +94,12 @@ def sign_factors(
 
 
 def masked_step(
-    param: torch.Tensor, direction: torch.Tensor, selected: torch.Tensor, high: float, low: float, step_size: float
+    param: torch.Tensor, direction: torch.Tensor, selected: torch.Tensor | PackedMask, high: float, low: float,
+    step_size: float,
 ) -> None:
     """``param ← param − step_size·(direction ⊙ Φ)``, Φ = `sign_factors` (``selected``, ``high``, ``low``) in
-    ``direction``'s dtype (1-D tensors of one length); ``direction``'s contents afterwards are unspecified.
+    ``direction``'s dtype (1-D tensors of one length; ``selected`` bool, or a `PackedMask` of that length);
+    ``direction``'s contents afterwards are unspecified.
 
     Bit for bit ``param.add_(direction.mul_(sign_factors(...)), alpha=-step_size)`` (on CPUs with FMA, which
     torch's ``add_`` uses there). Float32 CPU tensors go through one native loop
@@ -105,7 +107,13 @@ def masked_step(
     buffer, so Φ never goes to memory and the product is read back from cache.
     """
     values = _factors(high, low, direction.dtype)
-    if param.dtype == direction.dtype == torch.float32 and kernels.usable(param, direction, selected):
+    native = param.dtype == direction.dtype == torch.float32 and kernels.usable(param, direction)
+    if isinstance(selected, PackedMask):
+        if native and kernels.usable(selected.bits):
+            kernels.masked_update(param, direction, selected.bits, values.high, values.low, -step_size, packed=True)
+            return
+        selected = selected.unpack()
+    if native and kernels.usable(selected):
         kernels.masked_update(param, direction, selected, values.high, values.low, -step_size)
         return
     size = _block_size(direction)
@@ -119,13 +127,15 @@ def mgup_selection(
     direction: torch.Tensor, grad: torch.Tensor, segment: Segment, hp: Mapping[str, Any],
     scratch: Callable[[str, torch.dtype], torch.Tensor] | None = None,
 ) -> Generator[Request, Any, torch.Tensor]:
-    """MGUP's selection: bool, True on the exact top-k (``k = mask_k(mask_ratio, numel)``) of the float32 scores
-    ``direction ⊙ grad`` over the whole tensor. The scores go out as a `ScoreProduct`, formed (if the ops need
-    them at all) in ``scratch``'s ``"scores"``; the selection may be written into its ``"mask"``. ``scratch``
-    is a `Slot.scratch`; without it both are fresh tensors."""
+    """MGUP's selection: True on the exact top-k (``k = mask_k(mask_ratio, numel)``) of the float32 scores
+    ``direction ⊙ grad`` over the whole tensor, as a bool tensor or a `PackedMask` (`masked_step` takes
+    either). The scores go out as a `ScoreProduct`, formed (if the ops need them at all) in ``scratch``'s
+    ``"scores"``; the selection may be written into its ``"mask"``. ``scratch`` is a `Slot.scratch`; without
+    it both are fresh tensors."""
     k = mask_k(hp["mask_ratio"], segment.numel)
     scores = ScoreProduct(direction, grad, buffer=scratch("scores", torch.float32) if scratch else None)
-    return (yield TopKMask(segment, scores, k, out=scratch("mask", torch.bool) if scratch else None))
+    out = scratch("mask", torch.bool) if scratch else None
+    return (yield TopKMask(segment, scores, k, out=out, packed=True))
 
 
 def in_dtype(values: tuple[float, ...], dtype: torch.dtype) -> tuple[float, ...]:

@@ -13,7 +13,7 @@ import torch
 from mgup_dist.rules.adam import decay
 from mgup_dist.rules.driver import Rule
 from mgup_dist.rules.masks import in_dtype, masked_step, mgup_selection
-from mgup_dist.rules.requests import Orthogonalize, Request
+from mgup_dist.rules.requests import Orthogonalize, PackedMask, Request
 from mgup_dist.rules.slot import Slot
 from mgup_dist.rules.tensor_norm import clip_to_unit_norm
 
@@ -32,7 +32,7 @@ def _orthogonalize(
 
 
 def _apply(slot: Slot, update: torch.Tensor, hp: Mapping[str, Any], factors: tuple[float, float] | None = None,
-           selected: torch.Tensor | None = None) -> None:
+           selected: torch.Tensor | PackedMask | None = None) -> None:
     """Decay, then ``θ ← θ − lr·scale·update``, with ``update ⊙ Φ`` when ``selected`` is given (Φ = the
     ``factors`` (high, low) where ``selected``, in ``update``'s dtype)."""
     rows, cols = slot.segment.matrix_shape

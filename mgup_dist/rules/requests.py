@@ -54,6 +54,20 @@ class ScoreProduct:
         return torch.mul(direction.float(), self.grad.float(), out=self.buffer)
 
 
+@dataclass(frozen=True)
+class PackedMask:
+    """A 1-D mask of ``numel`` elements, one bit each: element ``i`` is bit ``i % 8`` of byte ``i // 8`` of
+    ``bits`` (``torch.uint8``, ``(numel + 7) // 8`` bytes; the bits past ``numel`` are unspecified)."""
+
+    bits: torch.Tensor
+    numel: int
+
+    def unpack(self) -> torch.Tensor:
+        """The mask as a 1-D ``torch.bool`` tensor of ``numel`` elements."""
+        shifts = torch.arange(8, dtype=torch.uint8, device=self.bits.device)
+        return ((self.bits.unsqueeze(1) >> shifts) & 1).view(-1)[: self.numel].bool()
+
+
 @dataclass
 class TopKMask:
     """Membership of each local element in the tensor's top-k scores.
@@ -63,15 +77,17 @@ class TopKMask:
     ``k``: ``0 <= k <= segment.numel``.
     ``out``: optional 1-D ``torch.bool`` tensor of the same length that the answer may be written into (an
     implementation may return a fresh tensor instead); the asker must not read it otherwise.
-    Answer: 1-D ``torch.bool`` of the same length, True for the ``k`` largest scores of the whole logical
-    tensor, ordering by score descending then global flat index ascending. Non-finite scores raise
-    `NonFiniteScoresError`.
+    ``packed``: the asker also takes a `PackedMask` answer (whose bits may live in ``out``'s storage).
+    Answer: 1-D ``torch.bool`` of the same length (or, when ``packed``, possibly a `PackedMask` of it), True for
+    the ``k`` largest scores of the whole logical tensor, ordering by score descending then global flat index
+    ascending. Non-finite scores raise `NonFiniteScoresError`.
     """
 
     segment: Segment
     scores: torch.Tensor | ScoreProduct
     k: int
     out: torch.Tensor | None = None
+    packed: bool = False
 
     def score_tensor(self) -> torch.Tensor:
         """The scores as a float32 tensor, forming a `ScoreProduct` (once; ``scores`` then holds the result)."""

@@ -109,6 +109,55 @@ def test_masked_update_is_torchs_where_mul_add() -> None:
     assert torch.equal(param, expected)
 
 
+def bits_of(mask: np.ndarray) -> np.ndarray:
+    """A bool mask packed as the kernels pack it: element i is bit i % 8 of byte i // 8."""
+    return np.packbits(mask, bitorder="little")
+
+
+def unpack(bits: np.ndarray, n: int) -> np.ndarray:
+    """The first ``n`` elements of a packed mask, as bools (the bits past them are unspecified)."""
+    return np.unpackbits(bits, bitorder="little")[:n].astype(bool)
+
+
+@pytest.mark.parametrize("n", [5, 64, 123_457])
+def test_masked_update_with_packed_bits_is_the_bool_update(n: int) -> None:
+    gen = torch.Generator().manual_seed(n)
+    param, direction = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+    mask = (torch.rand(n, generator=gen) < 0.5).numpy()
+    expected = param.clone()
+    kernels.masked_update(expected.numpy(), direction.numpy(), mask, 1.75, 0.125, -3e-4)
+    kernels.masked_update(param.numpy(), direction.numpy(), bits_of(mask), 1.75, 0.125, -3e-4, packed=True)
+    assert torch.equal(param, expected)
+
+
+@pytest.mark.parametrize("n", [7, 2049, 100_003])
+def test_counting_pass_packs_the_mask_it_writes(n: int) -> None:
+    """Packed, the counting pass writes the bits of the bool mask it would write (ranges never share a byte) and
+    counts and collects the same; ties marked and a band settled in bits are the bool ones packed."""
+    a, b = data(n, seed=n + 1, ties=True)
+    s = a * b
+    for lower, upper in [(-0.3, 0.4), (float(np.nextafter(np.float32(0), np.float32(-1))), 0.0)]:
+        mask = np.zeros(n, dtype=bool)
+        bits = np.full(kernels.packed_size(n), 0xA5, dtype=np.uint8)  # stale bits must be overwritten
+        plain = kernels.count_band(a, b, lower, upper, True, mask)
+        packed = kernels.count_band(a, b, lower, upper, True, bits, packed=True)
+        assert np.array_equal(unpack(bits, len(mask)), mask)
+        assert plain[:3] == packed[:3]
+        assert np.array_equal(plain.band, packed.band) and np.array_equal(plain.where, packed.where)
+        if plain.inside == 0:
+            continue
+        value = float(np.sort(plain.band)[len(plain.band) // 2])
+        r = int((plain.band == value).sum()) // 2 + 1
+        kernels.settle_band(plain, value, r, mask)
+        kernels.settle_band(packed, value, r, bits, packed=True)
+        assert np.array_equal(unpack(bits, len(mask)), mask)
+    a, b, s, value, positions = tied(True, seed=n, at=5)
+    mask, bits = s > value, bits_of(s > value)
+    kernels.mark_ties(a, b, value, len(positions) // 2, mask)
+    kernels.mark_ties(a, b, value, len(positions) // 2, bits, packed=True)
+    assert np.array_equal(unpack(bits, len(mask)), mask)
+
+
 @pytest.mark.parametrize("tensor, usable", [
     (torch.zeros(5), True),
     (torch.zeros(5, dtype=torch.bool), True),
@@ -219,7 +268,8 @@ def test_sample_scores_are_the_scores_at_the_strided_positions(start: int, strid
 
 def test_counting_pass_without_avx2_is_the_same(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The counting pass's portable loop (built without instruction-set flags) gives what its AVX2 loop gives:
-    counts, band, positions, mask and the formed direction, on scores with ties, zeros and a non-finite one."""
+    counts, band, positions, mask (bool and packed) and the formed direction, on scores with ties, zeros and a
+    non-finite one; so does the packed masked update."""
     m, v = moments(100_003, seed=10)
     g = np.random.default_rng(11).standard_normal(len(m)).astype(np.float32)
     g[::9] = 0.0
@@ -230,6 +280,11 @@ def test_counting_pass_without_avx2_is_the_same(tmp_path, monkeypatch: pytest.Mo
             u, mask = np.full_like(m, np.nan), np.zeros(len(m), bool)
             counts = kernels.count_band(m, g, lower, upper, True, mask, kernels.Quotient(v, 1e-8, u) if quotient else None)
             results += [np.array(counts[:3]), counts.band, counts.where, mask, u]
+        bits = np.zeros(kernels.packed_size(len(m)), dtype=np.uint8)
+        counts = kernels.count_band(m, g, -0.3, 0.4, True, bits, packed=True)
+        param = g.copy()
+        kernels.masked_update(param, m, bits, 1.5, 0.25, -1e-3, packed=True)
+        results += [np.array(counts[:3]), counts.band, counts.where, unpack(bits, len(m)), param]
         broken = m.copy()
         broken[77_777] = np.inf
         results.append(np.array(kernels.count_band(broken, g, -1.0, 1.0, False)[:3]))

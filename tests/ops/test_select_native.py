@@ -14,7 +14,7 @@ from mgup_dist.native import kernels, threads
 from mgup_dist.ops import select, threshold
 from mgup_dist.ops.select import topk_mask, topk_mask_of_product
 from mgup_dist.rules.adam_direction import AdamQuotient, adam_direction
-from mgup_dist.rules.requests import NonFiniteScoresError
+from mgup_dist.rules.requests import NonFiniteScoresError, PackedMask
 from tests.ops.test_select import DISTRIBUTIONS, k_values, make_scores, oracle_mask
 
 
@@ -30,10 +30,16 @@ def factors(kind: str, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return scores, other
 
 
+def unpacked(answer: torch.Tensor | PackedMask) -> torch.Tensor:
+    return answer.unpack() if isinstance(answer, PackedMask) else answer
+
+
 def assert_exact_both(direction: torch.Tensor, grad: torch.Tensor, k: int) -> None:
+    """Scores given materialised, as a product, and as a product answered in packed bits where the path packs."""
     product = direction * grad
     expected = oracle_mask(product, k)
-    for mask in (topk_mask(product, k), topk_mask_of_product(direction, grad, k)):
+    packed = topk_mask_of_product(direction, grad, k, packed=True)
+    for mask in (topk_mask(product, k), topk_mask_of_product(direction, grad, k), unpacked(packed)):
         assert int(mask.sum()) == k
         assert torch.equal(mask, expected)
 
@@ -91,11 +97,34 @@ def recording_outcomes(monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], list
 @pytest.mark.parametrize("kind, k", [("products", 500_001), ("zeros", 300_000)])
 def test_usual_case_is_one_native_call(kind: str, k: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Continuous scores and a k-th score inside a big block of zero scores both take the one-call path: no
-    counting pass driven from Python."""
+    counting pass driven from Python; asked for packed bits, it answers a `PackedMask` in the first bytes of
+    ``out``."""
     outcomes, passes = recording_outcomes(monkeypatch)
     direction, grad = factors(kind, 1_000_003, seed=2)
-    assert torch.equal(topk_mask_of_product(direction, grad, k), oracle_mask(direction * grad, k))
-    assert outcomes == [kernels.SELECTED] and not passes
+    expected = oracle_mask(direction * grad, k)
+    assert torch.equal(topk_mask_of_product(direction, grad, k), expected)
+    out = torch.empty(1_000_003, dtype=torch.bool)
+    packed = topk_mask_of_product(direction, grad, k, out=out, packed=True)
+    assert isinstance(packed, PackedMask) and packed.bits.data_ptr() == out.data_ptr()
+    assert torch.equal(packed.unpack(), expected)
+    assert outcomes == [kernels.SELECTED] * 2 and not passes
+
+
+@pytest.mark.parametrize("threads_used", [1, 2, 3])
+def test_ties_at_the_kth_score_spread_over_ranges(threads_used: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A k-th score tied by scores scattered over every range, with continuous scores around it in the band: the
+    band's ties are shared out in flat order across the ranges (bool and packed answers)."""
+    monkeypatch.setattr(threads, "workers", lambda: threads_used)
+    monkeypatch.setattr(threads, "RANGE", 20_000)
+    rng = np.random.default_rng(21)
+    n = 250_001
+    scores = rng.standard_normal(n).astype(np.float32)
+    scores[rng.random(n) < 0.02] = 0.0  # 2% ties at the median
+    scores = torch.from_numpy(scores)
+    above = int((scores > 0).sum())
+    ties = int((scores == 0).sum())
+    for k in (above + 1, above + ties // 3, above + ties - 1):
+        assert_exact_both(scores, torch.ones(n), k)
 
 
 @settings(max_examples=200, deadline=None)

@@ -1,14 +1,15 @@
 """The alignment-mask engine (spec §2.2, §3.2, §8 item 3): exact top-k MGUP factors and AlphaAdam's dynamic
 factors, resolved through LocalOps and checked against the float64 reference."""
 import math
+import numpy as np
 import pytest
 import torch
 
 from mgup_dist.ops.local import LocalOps
-from mgup_dist.rules import masks
 from mgup_dist.native import threads
+from mgup_dist.rules import masks
 from mgup_dist.rules.masks import dynamic_alpha, in_dtype, mgup_selection
-from mgup_dist.rules.requests import NonFiniteScoresError
+from mgup_dist.rules.requests import NonFiniteScoresError, PackedMask
 from mgup_dist.rules.slot import Slot
 from mgup_dist.shard.segment import Segment
 from tests.reference import mgup_factors as reference_factors
@@ -138,15 +139,17 @@ def test_sign_factors_are_where_bit_for_bit(dtype: torch.dtype, monkeypatch: pyt
                 assert torch.equal(got.view(as_bits), expected.view(as_bits)), (high, low)
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("native", ["0", "1"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("n", [31, 600_001])
 def test_masked_step_is_the_unfused_update_bit_for_bit(
-    dtype: torch.dtype, native: str, n: int, monkeypatch: pytest.MonkeyPatch
+    dtype: torch.dtype, native: str, n: int, packed: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``masked_step`` leaves exactly ``param.add_(direction.mul_(Φ), alpha=-step_size)`` in ``param``, for
-    clamped and ``where`` factors: through the native kernel (float32 with ``MGUP_DIST_NATIVE=1``, split over
-    3 threads at 600,001 elements) and the portable blocks (7 elements here, the last one partial)."""
+    clamped and ``where`` factors and a bool or packed selection: through the native kernel (float32 with
+    ``MGUP_DIST_NATIVE=1``, split over 3 threads at 600,001 elements) and the portable blocks (7 elements here,
+    the last one partial; a packed selection is unpacked for them)."""
     monkeypatch.setenv("MGUP_DIST_NATIVE", native)
     monkeypatch.setattr(masks, "_CPU_BLOCK", 7 if n < 100 else 4096)
     monkeypatch.setattr(threads, "workers", lambda: 3)
@@ -158,7 +161,8 @@ def test_masked_step_is_the_unfused_update_bit_for_bit(
         expected.add_(direction.clone().mul_(torch.where(
             selected, torch.tensor(high, dtype=dtype), torch.tensor(low, dtype=dtype))), alpha=-0.37)
         got = param.clone()
-        masks.masked_step(got, direction.clone(), selected, high, low, 0.37)
+        bits = torch.from_numpy(np.packbits(selected.numpy(), bitorder="little"))
+        masks.masked_step(got, direction.clone(), PackedMask(bits, n) if packed else selected, high, low, 0.37)
         bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
         assert torch.equal(got.view(bits), expected.view(bits)), (high, low)
 

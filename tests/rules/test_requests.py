@@ -1,10 +1,12 @@
 """`ScoreProduct` and `TopKMask.score_tensor`: scores given by their factors form once, in float32, in the
-buffer when one is given."""
+buffer when one is given; `PackedMask` unpacks to its bool mask."""
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 
-from mgup_dist.rules.requests import ScoreProduct, TopKMask
+from mgup_dist.rules.requests import PackedMask, ScoreProduct, TopKMask
 from mgup_dist.shard.segment import Segment
 
 
@@ -26,3 +28,12 @@ def test_narrow_factors_multiply_in_float32() -> None:
 def test_tensor_scores_are_returned_as_they_are() -> None:
     scores = torch.randn(8)
     assert TopKMask(Segment.whole(0, (8,)), scores, 3).score_tensor() is scores
+
+
+@pytest.mark.parametrize("n", [0, 1, 8, 13, 1000])
+def test_packed_mask_unpacks_to_its_bool_mask(n: int) -> None:
+    mask = torch.rand(n, generator=torch.Generator().manual_seed(n)) < 0.5
+    bits = np.packbits(mask.numpy(), bitorder="little")
+    bits[-1:] |= np.uint8(0x80) if n % 8 else np.uint8(0)  # bits past numel are ignored
+    unpacked = PackedMask(torch.from_numpy(bits), n).unpack()
+    assert unpacked.dtype == torch.bool and torch.equal(unpacked, mask)
