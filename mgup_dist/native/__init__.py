@@ -67,7 +67,11 @@ class NativeUnavailableError(RuntimeError):
 
 def mode() -> str:
     """The ``MGUP_DIST_NATIVE`` setting; `ValueError` for anything but ``auto``, ``0`` or ``1``."""
-    value = os.environ.get("MGUP_DIST_NATIVE", "auto").strip().lower()
+    return _normalised(os.environ.get("MGUP_DIST_NATIVE", "auto"))
+
+
+def _normalised(raw: str) -> str:
+    value = raw.strip().lower()
     if value not in MODES:
         raise ValueError(f"MGUP_DIST_NATIVE={value!r}: expected one of {', '.join(MODES)}")
     return value
@@ -132,7 +136,9 @@ def load(path: Path) -> ctypes.CDLL:
 
 
 @lru_cache(maxsize=None)
-def _cached(setting: str) -> ctypes.CDLL | None:
+def _cached(raw: str) -> ctypes.CDLL | None:
+    """The library for the raw ``MGUP_DIST_NATIVE`` value (remembered per value: `library` runs per kernel call)."""
+    setting = _normalised(raw)
     if setting == "0":
         return None
     try:
@@ -146,4 +152,4 @@ def _cached(setting: str) -> ctypes.CDLL | None:
 
 def library() -> ctypes.CDLL | None:
     """The native kernels, or None (see the module docstring); built and loaded once per process and setting."""
-    return _cached(mode())
+    return _cached(os.environ.get("MGUP_DIST_NATIVE", "auto"))

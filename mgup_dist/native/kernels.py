@@ -86,6 +86,11 @@ def _key_buffers(size: int) -> tuple[np.ndarray, np.ndarray]:
     return _workspace("keys", size, np.uint32), _workspace("order", size, np.uint32)
 
 
+def _length(array: Array) -> int:
+    """The length of a 1-D numpy array or tensor (``shape[0]``: a tensor's ``len`` is a slower Python call)."""
+    return array.shape[0]
+
+
 def _address(array: Array | None) -> int | None:
     """The first element's address of a numpy array or a CPU tensor (None passes through)."""
     if array is None:
@@ -108,7 +113,7 @@ def count_band(
     the mask is then exact everywhere but at those positions. With a ``quotient`` (and ``b``) the scores are ``u·b`` for the
     direction ``u`` the pass forms from ``a`` (see `Quotient`)."""
     v, eps, u = quotient if quotient is not None else (None, 0.0, None)
-    n, count = len(a), parts(len(a))
+    n, count = _length(a), parts(_length(a))
     capacity = _first_capacity(n, count) if collect else 0
     while True:
         band = _workspace("band", capacity * count, np.float32) if collect else None
@@ -129,13 +134,13 @@ def count_band(
 
 def fill_mask(a: np.ndarray, b: np.ndarray | None, value: float, cut: int, out: np.ndarray) -> None:
     """``out[:cut] = s[:cut] >= value`` and ``out[cut:] = s[cut:] > value`` (bool ``out``, the scores' length)."""
-    library().mgup_fill_mask(_address(a), _address(b), len(a), value, cut, _address(out), parts(len(a)))
+    library().mgup_fill_mask(_address(a), _address(b), _length(a), value, cut, _address(out), parts(_length(a)))
 
 
 def locate_ties(a: np.ndarray, b: np.ndarray | None, value: float, r: int) -> int:
     """The position just after the ``r``-th (``r >= 1``) score equal to ``value``; `ValueError` if fewer."""
     ties = ctypes.c_int64(0)
-    cut = library().mgup_locate_ties(_address(a), _address(b), len(a), value, r, ctypes.byref(ties))
+    cut = library().mgup_locate_ties(_address(a), _address(b), _length(a), value, r, ctypes.byref(ties))
     if cut < 0:
         raise ValueError(f"fewer than {r} scores equal {value}")
     return int(cut)
@@ -145,7 +150,7 @@ def mark_ties(a: np.ndarray, b: np.ndarray | None, value: float, r: int, mask: n
               packed: bool = False) -> None:
     """Sets ``mask`` (bool, the scores' length, or packed bits) True at the first ``r`` scores equal to ``value``
     in index order, reading only up to the r-th; `ValueError` if there are fewer."""
-    marked = library().mgup_mark_ties(_address(a), _address(b), len(a), value, r, _address(mask), packed)
+    marked = library().mgup_mark_ties(_address(a), _address(b), _length(a), value, r, _address(mask), packed)
     if marked < r:
         raise ValueError(f"fewer than {r} scores equal {value}")
 
@@ -155,14 +160,14 @@ def masked_update(param: Array, direction: Array, mask: Array, high: float, low:
     """``param += alpha·(direction·Φ)``, Φ = ``high`` where ``mask`` else ``low`` (all float32 except the
     mask: bool, or packed bits), each product rounded to float32 and the update fused (see
     ``mgup_masked_update``)."""
-    library().mgup_masked_update(_address(param), _address(direction), _address(mask), packed, len(param), high,
-                                 low, alpha, parts(len(param)))
+    library().mgup_masked_update(_address(param), _address(direction), _address(mask), packed, _length(param), high,
+                                 low, alpha, parts(_length(param)))
 
 
 def adam_direction(m: Array, v: Array, eps: float, u: Array) -> None:
     """``u = m/(sqrt(v) + eps)`` (float32 arrays of one length; ``u`` may be ``m`` or ``v``), each operation
     correctly rounded to float32 (bit for bit numpy's ``sqrt``, then torch's ``add_`` and ``div``)."""
-    library().mgup_adam_direction(_address(m), _address(v), len(m), eps, _address(u), parts(len(m)))
+    library().mgup_adam_direction(_address(m), _address(v), _length(m), eps, _address(u), parts(_length(m)))
 
 
 def sample_scores(a: np.ndarray, b: np.ndarray | None, quotient: Quotient | None, start: int,
@@ -171,7 +176,7 @@ def sample_scores(a: np.ndarray, b: np.ndarray | None, quotient: Quotient | None
     ``a`` (times ``b``), or with a ``quotient`` the direction it forms from ``a`` times ``b`` (``u`` is not
     written)."""
     v, eps = (None, 0.0) if quotient is None else quotient[:2]
-    out = np.empty(max(0, -(-(len(a) - start) // stride)), dtype=np.float32)
+    out = np.empty(max(0, -(-(_length(a) - start) // stride)), dtype=np.float32)
     count = max(1, min(workers(), len(out) // _SAMPLES_PER_PART))
     library().mgup_sample_scores(_address(a), _address(b), _address(v), eps, start, stride, len(out), _address(out),
                                  count)
@@ -199,7 +204,7 @@ def select_sampled(a: np.ndarray, b: np.ndarray | None, quotient: Quotient | Non
     from the sample ``pool`` in one native call (``mgup_select_sampled``): `SELECTED`, `NONFINITE`, or `MISSED`
     (the first bracket missed, or its band outgrew the buffers: the mask is unsettled, the quotient formed)."""
     v, eps, u = quotient if quotient is not None else (None, 0.0, None)
-    n, count = len(a), parts(len(a))
+    n, count = _length(a), parts(_length(a))
     capacity = _first_capacity(n, count)
     band = _workspace("band", capacity * count, np.float32)
     where = _workspace("where", capacity * count, np.int64)
@@ -224,8 +229,8 @@ def topk_small(a: Array, b: Array | None, k: int, mask: Array) -> int:
     """The whole exact top-k selection (``1 <= k < n``, ties to the lowest indices) into bool ``mask`` in one
     call, for tensors too small for sampling to pay; returns the number of non-finite scores (the mask is not
     written when there are any)."""
-    work = _workspace("small", 2 * len(a), np.float32)
-    return int(library().mgup_topk_small(_address(a), _address(b), len(a), k, _address(mask), _address(work)))
+    work = _workspace("small", 2 * _length(a), np.float32)
+    return int(library().mgup_topk_small(_address(a), _address(b), _length(a), k, _address(mask), _address(work)))
 
 
 def order_statistics(values: np.ndarray, ranks: list[int]) -> list[float]:
