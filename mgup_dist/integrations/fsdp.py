@@ -40,7 +40,7 @@ from mgup_dist.integrations.dtensor_state import DTensorState
 from mgup_dist.ops.local import LocalOps
 from mgup_dist.optim.distributor import LocalDistributor
 from mgup_dist.optim.nonfinite import any_rank
-from mgup_dist.rules.requests import Orthogonalize, TensorSum, TopKMask
+from mgup_dist.rules.requests import Orthogonalize, PackedMask, TensorSum, TopKMask
 from mgup_dist.optim.state_entries import StateEntry, param_state_entries
 from mgup_dist.rules.slot import Slot
 from mgup_dist.shard.collectives import Collectives
@@ -160,7 +160,7 @@ class RoutedOps:
     def tensor_sums(self, requests: Sequence[TensorSum]) -> list[torch.Tensor]:
         return self._route("tensor_sums", requests)
 
-    def topk_masks(self, requests: Sequence[TopKMask]) -> list[torch.Tensor]:
+    def topk_masks(self, requests: Sequence[TopKMask]) -> list[torch.Tensor | PackedMask]:
         return self._route("topk_masks", requests)
 
     def orthogonalize(self, requests: Sequence[Orthogonalize]) -> list[torch.Tensor]:

@@ -1,14 +1,14 @@
-"""Native CPU kernels (`count_pass.c`: the counting pass of MGUP's selection; `select_kernels.c`: its other passes;
-`sampled_select.c`: the whole sampled selection of one tensor in one call; `update_kernels.c`: elementwise update steps), built with the system C
-compiler on first use.
+"""Native CPU kernels (`count_pass.c`: the counting pass of MGUP's selection; `select_kernels.c`: its other
+passes; `sampled_select.c`: the whole sampled selection of one tensor in one call; `update_kernels.c`: elementwise
+update steps), built with the system C compiler on first use.
 
 `library()` returns the loaded `ctypes.CDLL`, or None when the kernels are unavailable; callers then take the
 portable numpy/torch path, which gives bit-identical masks. The build runs once per machine and source version:
 ``$CC`` (default ``cc``) compiles the sources into one library with ``-O3 -ffp-contract=off`` (no FMA
 contraction, so an element's arithmetic never depends on its position), ``-fno-math-errno`` (so ``sqrtf`` is the
 vector instruction; the kernels never read errno) and ``-fopenmp`` (torch is imported first, so the library binds to
-the libgomp torch loaded and its parallel passes run on torch's intra-op thread team), plus ``-mavx2 -mfma -mpopcnt`` on x86 CPUs where torch dispatches to AVX2 or
-AVX-512 (`isa_flags`), into ``<cache>/mgup_dist/native-<hash>/``, where ``<cache>`` is
+the libgomp torch loaded and its parallel passes run on torch's intra-op thread team), plus ``-mavx2 -mfma
+-mpopcnt`` on x86 CPUs where torch dispatches to AVX2 or AVX-512 (`isa_flags`), into ``<cache>/mgup_dist/native-<hash>/``, where ``<cache>`` is
 ``$MGUP_DIST_CACHE``, else ``$XDG_CACHE_HOME``, else ``~/.cache``, and ``<hash>`` covers the sources and header, the flags,
 the compiler and the machine type. Each process compiles into a private temporary file and renames it into
 place, so concurrent ranks or test workers never load a half-written library.
@@ -65,12 +65,9 @@ class NativeUnavailableError(RuntimeError):
     """``MGUP_DIST_NATIVE=1`` but the native kernels could not be built or loaded."""
 
 
-def mode() -> str:
-    """The ``MGUP_DIST_NATIVE`` setting; `ValueError` for anything but ``auto``, ``0`` or ``1``."""
-    return _normalised(os.environ.get("MGUP_DIST_NATIVE", "auto"))
-
-
 def _normalised(raw: str) -> str:
+    """The ``MGUP_DIST_NATIVE`` setting from its raw value; `ValueError` for anything but ``auto``, ``0`` or
+    ``1``."""
     value = raw.strip().lower()
     if value not in MODES:
         raise ValueError(f"MGUP_DIST_NATIVE={value!r}: expected one of {', '.join(MODES)}")

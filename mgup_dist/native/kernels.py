@@ -3,11 +3,10 @@
 Arrays are 1-D C-contiguous numpy views of CPU tensors, or the tensors themselves (`usable` ones): scores ``a``
 (float32), with ``b`` (float32, same length) when the scores are the products ``a·b`` (see
 `mgup_dist.rules.requests.ScoreProduct`), masks bool, or where a function takes ``packed`` one bit per element
-(uint8 of `packed_size` bytes: element ``i`` is bit ``i % 8`` of byte ``i // 8``). A pass may also form an Adam direction
-``u = a/(sqrt(v) + eps)`` and take the scores ``u·b`` (a `Quotient`). Callers
-check dtypes and lengths; these functions only require `mgup_dist.native.library()` to be loaded. Passes
-over whole tensors split into `mgup_dist.native.threads.parts` ranges that torch's OpenMP team runs; results
-never depend on the thread count.
+(uint8 of `packed_size` bytes: element ``i`` is bit ``i % 8`` of byte ``i // 8``). A pass may also form an Adam
+direction ``u = a/(sqrt(v) + eps)`` and take the scores ``u·b`` (a `Quotient`). Callers check dtypes and lengths;
+these functions only require `mgup_dist.native.library()` to be loaded. Passes over whole tensors split into
+`mgup_dist.native.threads.parts` ranges that torch's OpenMP team runs; results never depend on the thread count.
 """
 from __future__ import annotations
 
@@ -110,8 +109,8 @@ def count_band(
     """One pass over the scores counting those above ``upper`` and in ``(lower, upper]`` (collected into
     ``band`` when ``collect``) and the non-finite ones. With a ``mask`` (bool of the scores' length, or packed
     bits) the pass also writes ``mask = s > upper`` and, when collecting, the band's positions into ``where``:
-    the mask is then exact everywhere but at those positions. With a ``quotient`` (and ``b``) the scores are ``u·b`` for the
-    direction ``u`` the pass forms from ``a`` (see `Quotient`)."""
+    the mask is then exact everywhere but at those positions. With a ``quotient`` (and ``b``) the scores are
+    ``u·b`` for the direction ``u`` the pass forms from ``a`` (see `Quotient`)."""
     v, eps, u = quotient if quotient is not None else (None, 0.0, None)
     n, count = _length(a), parts(_length(a))
     capacity = _first_capacity(n, count) if collect else 0

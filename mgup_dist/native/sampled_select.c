@@ -93,14 +93,14 @@ enum { SELECTED = 0, MISSED = 1, NONFINITE = 2 };
 
 /* The exact top-k (1 <= k < n) of the scores (as in mgup_count_band: a, a*b, or with v the quotient
  * adam_quotient(a, v, eps), written to u, times b) into mask (bool bytes, or bits when packed), ties to the
- * lowest indices, from the sample pool[0, size): SELECTED, or NONFINITE (some score is NaN or infinite), or MISSED (the first bracket did not
- * hold the k-th score, or a range's band outgrew `capacity`; the mask is then unsettled and the caller
- * searches on, with u formed). band and where hold parts*capacity entries; keys and work max(size,
- * parts*capacity) uint32 each; counts 4*parts int64 (mgup_count_band's out). */
+ * lowest indices, from the sample pool[0, size): SELECTED, or NONFINITE (some score is NaN or infinite), or
+ * MISSED (the first bracket did not hold the k-th score, or a range's band outgrew `capacity`; the mask is then
+ * unsettled and the caller searches on, with u formed). band and where hold parts*capacity entries; keys and
+ * work max(size, parts*capacity) uint32 each; counts 4*parts int64 (mgup_count_band's out). */
 int64_t mgup_select_sampled(const float *a, const float *b, const float *v, float eps, float *u, int64_t n,
                             int64_t k, uint8_t *mask, int64_t packed, const float *pool, int64_t size,
-                            double margin_sd, float *band, int64_t *where, int64_t capacity, uint32_t *keys, uint32_t *work,
-                            int64_t *counts, int64_t parts)
+                            double margin_sd, float *band, int64_t *where, int64_t capacity, uint32_t *keys,
+                            uint32_t *work, int64_t *counts, int64_t parts)
 {
     float bracket[2];
     mgup_first_bracket(pool, size, n, k, margin_sd, bracket, keys, work);

@@ -173,17 +173,31 @@ static inline uint32_t above_bit(uint32_t key, int top)
     return top >= 31 ? 0 : key & ~((2u << top) - 1);
 }
 
+/* keys[i] = order_key(values[i]) for i < n (keys may be values itself); returns the bits at which some key
+ * differs from `first` (the OR of every key ^ first). */
+static uint32_t form_keys(const float *values, int64_t n, uint32_t first, uint32_t *keys)
+{
+    uint32_t differ = 0;
+    for (int64_t i = 0; i < n; i++) {
+        keys[i] = order_key(values[i]);
+        differ |= keys[i] ^ first;
+    }
+    return differ;
+}
+
+/* The highest set bit of x, -1 for 0: the top bit at which keys differ, given form_keys' result. */
+static inline int highest_bit(uint32_t x)
+{
+    return x ? 31 - __builtin_clz(x) : -1;
+}
+
 /* The rank-th smallest (0-based, 0 <= rank < n) of finite values[0, n) (n >= 1), by radix select on the values'
  * order-preserving keys (-0.0 orders just below +0.0, which the callers treat as equal), from the highest bit at
  * which they differ. values is overwritten (it holds the candidate keys). */
 static float order_statistic(float *values, int64_t n, int64_t rank)
 {
-    uint32_t *keys = (uint32_t *)values, first = order_key(values[0]), differ = 0;
-    for (int64_t i = 0; i < n; i++) {
-        keys[i] = order_key(values[i]);
-        differ |= keys[i] ^ first;
-    }
-    int top = differ ? 31 - __builtin_clz(differ) : -1;
+    uint32_t *keys = (uint32_t *)values, first = order_key(values[0]);
+    int top = highest_bit(form_keys(values, n, first, keys));
     return key_value(radix_select(keys, n, rank, top, above_bit(first, top)));
 }
 
@@ -198,13 +212,11 @@ void mgup_segment_order_statistics(const float *values, int64_t stride, const in
     while (lengths[start] == 0)
         start++;
     uint32_t first = order_key(values[start * stride]), differ = 0;
-    for (int64_t t = 0; t < parts; t++)
-        for (int64_t i = 0; i < lengths[t]; i++) {
-            uint32_t key = order_key(values[t * stride + i]);
-            keys[total++] = key;
-            differ |= key ^ first;
-        }
-    int top = differ ? 31 - __builtin_clz(differ) : -1;
+    for (int64_t t = 0; t < parts; t++) {
+        differ |= form_keys(values + t * stride, lengths[t], first, keys + total);
+        total += lengths[t];
+    }
+    int top = highest_bit(differ);
     uint32_t prefix = above_bit(first, top), digits;
     if (top < 0) {
         for (int64_t j = 0; j < count; j++)

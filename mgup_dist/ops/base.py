@@ -11,7 +11,7 @@ from typing import Protocol, Sequence
 
 import torch
 
-from mgup_dist.rules.requests import Orthogonalize, TensorSum, TopKMask
+from mgup_dist.rules.requests import Orthogonalize, PackedMask, TensorSum, TopKMask
 
 
 class TensorOps(Protocol):
@@ -20,7 +20,7 @@ class TensorOps(Protocol):
     def tensor_sums(self, requests: Sequence[TensorSum]) -> list[torch.Tensor]:
         ...
 
-    def topk_masks(self, requests: Sequence[TopKMask]) -> list[torch.Tensor]:
+    def topk_masks(self, requests: Sequence[TopKMask]) -> list[torch.Tensor | PackedMask]:
         ...
 
     def orthogonalize(self, requests: Sequence[Orthogonalize]) -> list[torch.Tensor]:

@@ -7,7 +7,7 @@ import torch
 
 from mgup_dist.ops.select import request_mask
 from mgup_dist.rules.newton_schulz import newton_schulz
-from mgup_dist.rules.requests import Orthogonalize, TensorSum, TopKMask
+from mgup_dist.rules.requests import Orthogonalize, PackedMask, TensorSum, TopKMask
 
 
 def _require_whole(request: TensorSum | TopKMask | Orthogonalize) -> None:
@@ -25,7 +25,7 @@ class LocalOps:
             _require_whole(r)
         return [r.value for r in requests]
 
-    def topk_masks(self, requests: Sequence[TopKMask]) -> list[torch.Tensor]:
+    def topk_masks(self, requests: Sequence[TopKMask]) -> list[torch.Tensor | PackedMask]:
         for r in requests:
             _require_whole(r)
         return [request_mask(r) for r in requests]

@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from mgup_dist.rules.requests import Orthogonalize, Request, TensorSum, TopKMask
+from mgup_dist.rules.requests import Orthogonalize, PackedMask, Request, TensorSum, TopKMask
 from mgup_dist.shard.collectives import Collectives
 from mgup_dist.shard.select import topk_masks
 
@@ -50,7 +50,7 @@ class ShardedOps:
                 answers[i] = value
         return answers  # type: ignore[return-value]
 
-    def topk_masks(self, requests: Sequence[TopKMask]) -> list[torch.Tensor]:
+    def topk_masks(self, requests: Sequence[TopKMask]) -> list[torch.Tensor | PackedMask]:
         return topk_masks(self.comm, requests)
 
     def orthogonalize(self, requests: Sequence[Orthogonalize]) -> list[torch.Tensor]:
@@ -89,7 +89,7 @@ class RoutedOps:
     def tensor_sums(self, requests: Sequence[TensorSum]) -> list[torch.Tensor]:
         return self._resolve(requests, "tensor_sums")
 
-    def topk_masks(self, requests: Sequence[TopKMask]) -> list[torch.Tensor]:
+    def topk_masks(self, requests: Sequence[TopKMask]) -> list[torch.Tensor | PackedMask]:
         return self._resolve(requests, "topk_masks")
 
     def orthogonalize(self, requests: Sequence[Orthogonalize]) -> list[torch.Tensor]:

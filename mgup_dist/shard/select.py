@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from mgup_dist.ops.select import locate_ties, request_mask
-from mgup_dist.rules.requests import NonFiniteScoresError, ScoreProduct, TopKMask
+from mgup_dist.rules.requests import NonFiniteScoresError, PackedMask, ScoreProduct, TopKMask
 from mgup_dist.shard.collectives import Collectives
 
 Values = Union[np.ndarray, torch.Tensor]  # numpy view of a CPU tensor, or the (device) tensor itself
@@ -283,7 +283,7 @@ def _device(request: TopKMask) -> torch.device:
     return scores.grad.device if isinstance(scores, ScoreProduct) else scores.device
 
 
-def _whole_mask(request: TopKMask) -> torch.Tensor | None:
+def _whole_mask(request: TopKMask) -> torch.Tensor | PackedMask | None:
     """The answer for a tensor this rank holds whole, by the local selection (`request_mask`, which checks
     finiteness itself), or None when its scores are not finite."""
     try:
@@ -366,8 +366,9 @@ def _answer(request: TopKMask, selection: _Selection | None, quotas: dict[_Selec
     return selection.mask(quotas.get(selection, 0))
 
 
-def topk_masks(comm: Collectives, requests: Sequence[TopKMask]) -> list[torch.Tensor]:
-    """Bool masks answering ``requests`` (see `TopKMask`); collective over ``comm``'s group.
+def topk_masks(comm: Collectives, requests: Sequence[TopKMask]) -> list[torch.Tensor | PackedMask]:
+    """Masks answering ``requests`` (see `TopKMask`: bool, or a `PackedMask` for a request that takes one and a
+    tensor this rank holds whole); collective over ``comm``'s group.
 
     A rank holding a request's tensor whole answers it with the local selection (`topk_mask`, or
     `topk_mask_of_product` for scores given as a `ScoreProduct`, which are then never formed) before
