@@ -45,7 +45,9 @@ MODES = ("auto", "0", "1")
 
 _i64, _f32, _f64, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_double, ctypes.c_void_p
 SIGNATURES = {
-    "mgup_count_band": (None, [_ptr, _ptr, _ptr, _f32, _ptr, _i64, _f32, _f32, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _i64]),
+    "mgup_count_band": (
+        None, [_ptr, _ptr, _ptr, _f32, _ptr, _i64, _f32, _f32, _ptr, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _i64]
+    ),
     "mgup_fill_mask": (None, [_ptr, _ptr, _i64, _f32, _i64, _ptr, _i64]),
     "mgup_locate_ties": (_i64, [_ptr, _ptr, _i64, _f32, _i64, _ptr]),
     "mgup_mark_ties": (_i64, [_ptr, _ptr, _i64, _f32, _i64, _ptr, _i64]),

@@ -33,11 +33,13 @@ struct quotient {
 };
 
 /* Where a counting pass puts its band: the first `capacity` band scores go to band (and their positions plus
- * offset to where, when not NULL); written counts them all. */
+ * offset to where, when not NULL); written counts them all. A pass that does not collect (band NULL) may instead
+ * mark the band's positions in ties (packed bits of the range, when not NULL). */
 struct band_sink {
     float *band;
     int64_t *where;
     int64_t capacity, offset, written;
+    uint8_t *ties;
 };
 
 static inline void keep(struct band_sink *sink, float s, int64_t i)
@@ -84,6 +86,8 @@ static inline __attribute__((always_inline)) void count_scalar(const float *a, c
         tally->nonfinite += !(fabsf(s) <= FLT_MAX);
         if (sink->band != NULL && low && !high)
             keep(sink, s, i);
+        if (sink->ties != NULL)
+            mask_put(sink->ties, 1, i, low && !high);
     }
 }
 
@@ -178,9 +182,12 @@ static inline __attribute__((always_inline)) void count_vector(const float *a, c
             memcpy(mask + i / 8, &over_upper, sizeof over_upper); /* bit j: score i + j (little-endian) */
         else if (mask != NULL)
             _mm256_storeu_si256((__m256i *)(mask + i), bool_bytes(over));
-        if (!collect)
-            continue;
         uint32_t inside = over_lower & ~over_upper;
+        if (!collect) {
+            if (sink->ties != NULL)
+                memcpy(sink->ties + i / 8, &inside, sizeof inside);
+            continue;
+        }
         if (sink->written + 32 <= sink->capacity) {
             pack_band(s, inside, i, sink);
             continue;
@@ -233,13 +240,14 @@ static inline __attribute__((always_inline)) void count_range(const float *a, co
 /* Counts over the scores of [0, n): out[0] = #(s > upper), out[1] = #(lower < s <= upper), out[2] = #non-finite,
  * out[3] = how many band scores (lower < s <= upper) there are to write. When band is not NULL the first
  * min(out[3], capacity) of them go to band in index order, and their positions plus offset to where (when not
- * NULL). When mask is not NULL it gets s > upper (so False in the band, for the caller to settle): bool bytes, or
- * bits when packed. Specialised on the score mode by inlining. */
+ * NULL); otherwise ties (when not NULL) gets the band's bits, packed. When mask is not NULL it gets s > upper (so
+ * False in the band, for the caller to settle): bool bytes, or bits when packed. Specialised on the score mode by
+ * inlining. */
 static void count_band(const float *a, const float *b, struct quotient q, int64_t n, int64_t offset, float lower,
-                       float upper, float *band, int64_t *where, int64_t capacity, uint8_t *mask, int packed,
-                       int64_t *out)
+                       float upper, float *band, int64_t *where, int64_t capacity, uint8_t *ties, uint8_t *mask,
+                       int packed, int64_t *out)
 {
-    struct band_sink sink = {band, where, capacity, offset, 0};
+    struct band_sink sink = {band, where, capacity, offset, 0, band == NULL ? ties : NULL};
     struct tally tally = {0, 0, 0};
     if (q.v != NULL)
         count_range(a, b, q, QUOTIENT, n, lower, upper, mask, packed, &sink, &tally);
@@ -255,18 +263,19 @@ static void count_band(const float *a, const float *b, struct quotient q, int64_
 
 /* count_band over `parts` ranges (mask_part_start's): range t's counts go to out[4t..4t+3], its band to
  * band[t*capacity...] and the band's flat positions to where[t*capacity...] (where and mask may be NULL; the mask
- * is bool bytes, or bits when packed). With v not NULL the pass is in QUOTIENT mode: a is m, b the gradient, and
- * u receives the direction adam_quotient(m, v, eps). */
+ * is bool bytes, or bits when packed). A pass that does not collect (band NULL) writes the band's bits to ties
+ * (packed, (n + 7) / 8 bytes) when that is not NULL. With v not NULL the pass is in QUOTIENT mode: a is m, b the
+ * gradient, and u receives the direction adam_quotient(m, v, eps). */
 void mgup_count_band(const float *a, const float *b, const float *v, float eps, float *u, int64_t n, float lower,
-                     float upper, float *band, int64_t *where, int64_t capacity, uint8_t *mask, int64_t packed,
-                     int64_t *out, int64_t parts)
+                     float upper, float *band, int64_t *where, int64_t capacity, uint8_t *ties, uint8_t *mask,
+                     int64_t packed, int64_t *out, int64_t parts)
 {
 #pragma omp parallel for schedule(static) num_threads(parts) if (parts > 1)
     for (int64_t t = 0; t < parts; t++) {
         int64_t lo = mask_part_start(n, t, parts), hi = mask_part_start(n, t + 1, parts);
         struct quotient q = {v ? v + lo : NULL, eps, u ? u + lo : NULL};
         count_band(a + lo, b ? b + lo : NULL, q, hi - lo, lo, lower, upper, band ? band + t * capacity : NULL,
-                   where ? where + t * capacity : NULL, capacity, mask ? mask + mask_offset(lo, packed) : NULL,
-                   (int)packed, out + 4 * t);
+                   where ? where + t * capacity : NULL, capacity, ties ? ties + mask_offset(lo, 1) : NULL,
+                   mask ? mask + mask_offset(lo, packed) : NULL, (int)packed, out + 4 * t);
     }
 }

@@ -119,7 +119,7 @@ def count_band(
         where = _workspace("where", capacity * count, np.int64) if collect and mask is not None else None
         out = np.zeros((count, 4), dtype=np.int64)
         library().mgup_count_band(_address(a), _address(b), _address(v), eps, _address(u), n, lower, upper,
-                                  _address(band), _address(where), capacity, _address(mask), packed,
+                                  _address(band), _address(where), capacity, None, _address(mask), packed,
                                   _address(out), count)
         if not collect or out[:, 3].max() <= capacity:
             break

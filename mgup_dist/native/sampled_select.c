@@ -5,7 +5,8 @@
  * single pass: the bracket around the k-th score from a strided sample (mgup_first_bracket, the same float
  * operations as `_bracket` with widen 1 on the interval (-inf, inf)), one counting pass that writes the mask
  * s > upper and collects the band (mgup_count_band), then the k-th score from the band and the band's positions
- * settled in the mask (or, when the bracket is a block of ties, the first ties marked). When the pass misses
+ * settled in the mask (or, when the bracket is a block of ties, the first ties marked from the bits of them the
+ * pass recorded, reading no scores again). When the pass misses
  * the k-th score or its band overflows the buffers, it says so and the Python search takes over; the result is
  * exact either way.
  */
@@ -95,7 +96,8 @@ enum { SELECTED = 0, MISSED = 1, NONFINITE = 2 };
  * adam_quotient(a, v, eps), written to u, times b) into mask (bool bytes, or bits when packed), ties to the
  * lowest indices, from the sample pool[0, size): SELECTED, or NONFINITE (some score is NaN or infinite), or
  * MISSED (the first bracket did not hold the k-th score, or a range's band outgrew `capacity`; the mask is then
- * unsettled and the caller searches on, with u formed). band and where hold parts*capacity entries; keys and
+ * unsettled and the caller searches on, with u formed). band and where hold parts*capacity entries (band
+ * also holds the bits of a block of ties when it has room for n bits); keys and
  * work max(size, parts*capacity) uint32 each; counts 4*parts int64 (mgup_count_band's out). */
 int64_t mgup_select_sampled(const float *a, const float *b, const float *v, float eps, float *u, int64_t n,
                             int64_t k, uint8_t *mask, int64_t packed, const float *pool, int64_t size,
@@ -106,8 +108,10 @@ int64_t mgup_select_sampled(const float *a, const float *b, const float *v, floa
     mgup_first_bracket(pool, size, n, k, margin_sd, bracket, keys, work);
     float lower = bracket[0], upper = bracket[1];
     int collect = lower != float_below(upper);
-    mgup_count_band(a, b, v, eps, u, n, lower, upper, collect ? band : NULL, collect ? where : NULL, capacity, mask,
-                    packed, counts, parts);
+    /* a block of ties is not collected: the band buffer holds its bits instead, when it has room for them */
+    uint8_t *ties = !collect && parts * capacity * (int64_t)sizeof(float) >= (n + 7) / 8 ? (uint8_t *)band : NULL;
+    mgup_count_band(a, b, v, eps, u, n, lower, upper, collect ? band : NULL, collect ? where : NULL, capacity, ties,
+                    mask, packed, counts, parts);
     int64_t above = 0, inside = 0, nonfinite = 0, lengths[parts];
     for (int64_t t = 0; t < parts; t++) {
         above += counts[4 * t];
@@ -121,9 +125,11 @@ int64_t mgup_select_sampled(const float *a, const float *b, const float *v, floa
         return NONFINITE;
     if (above >= k || above + inside < k)
         return MISSED;
-    const float *scores = v != NULL ? u : a;
-    if (!collect) /* the bracket is one block of ties, all equal to upper: the first k - above join the mask */
-        return mgup_mark_ties(scores, b, n, upper, k - above, mask, packed) == k - above ? SELECTED : MISSED;
+    if (!collect) { /* the bracket is one block of ties, all equal to upper: the first k - above join the mask */
+        int64_t marked = ties != NULL ? mgup_mark_tie_bits(ties, n, k - above, mask, packed)
+                                      : mgup_mark_ties(v != NULL ? u : a, b, n, upper, k - above, mask, packed);
+        return marked == k - above ? SELECTED : MISSED;
+    }
     int64_t rank = inside - (k - above);
     float value;
     mgup_segment_order_statistics(band, capacity, lengths, parts, &rank, 1, &value, keys, work);

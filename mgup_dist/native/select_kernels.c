@@ -105,6 +105,52 @@ int64_t mgup_mark_ties(const float *a, const float *b, int64_t n, float value, i
     return marked;
 }
 
+/* The packed bits of elements [i, i + 64) (i a multiple of 8) as one word, element i + j in bit j. */
+static inline uint64_t load_bits(const uint8_t *bits, int64_t i)
+{
+    uint64_t word;
+    memcpy(&word, bits + i / 8, sizeof word);
+#if __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    word = __builtin_bswap64(word);
+#endif
+    return word;
+}
+
+/* Writes a load_bits word back. */
+static inline void store_bits(uint8_t *bits, int64_t i, uint64_t word)
+{
+#if __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    word = __builtin_bswap64(word);
+#endif
+    memcpy(bits + i / 8, &word, sizeof word);
+}
+
+/* Sets the mask (bool bytes, or bits when packed) at the first r set bits of ties (packed bits of n elements, as a
+ * counting pass marks the k-th score's ties), in index order, 64 at a time; returns how many it set (< r only when
+ * ties holds fewer). Reads ties only up to the r-th. */
+int64_t mgup_mark_tie_bits(const uint8_t *ties, int64_t n, int64_t r, uint8_t *mask, int64_t packed)
+{
+    int64_t marked = 0, i = 0;
+    for (; i + 64 <= n && marked < r; i += 64) {
+        uint64_t word = load_bits(ties, i);
+        int64_t count = __builtin_popcountll(word);
+        for (; marked + count > r; count--) /* the r-th is in this word: drop the set bits after it */
+            word &= ~(UINT64_C(1) << (63 - __builtin_clzll(word)));
+        marked += count;
+        if (packed)
+            store_bits(mask, i, load_bits(mask, i) | word);
+        else
+            for (; word; word &= word - 1)
+                mask[i + __builtin_ctzll(word)] = 1;
+    }
+    for (; i < n && marked < r; i++)
+        if (mask_get(ties, 1, i)) {
+            mask_or(mask, packed, i, 1);
+            marked++;
+        }
+    return marked;
+}
+
 static inline uint32_t order_key(float x)
 {
     uint32_t bits;

@@ -9,6 +9,7 @@ import torch
 
 from mgup_dist import native
 from mgup_dist.native import kernels, threads
+from mgup_dist.ops.select import topk_mask_of_product
 
 
 @pytest.fixture(autouse=True)
@@ -269,7 +270,8 @@ def test_sample_scores_are_the_scores_at_the_strided_positions(start: int, strid
 def test_counting_pass_without_avx2_is_the_same(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The counting pass's portable loop (built without instruction-set flags) gives what its AVX2 loop gives:
     counts, band, positions, mask (bool and packed) and the formed direction, on scores with ties, zeros and a
-    non-finite one; so does the packed masked update."""
+    non-finite one; so do the packed masked update and a selection whose k-th score is in a block of ties (the
+    pass records the ties' bits)."""
     m, v = moments(100_003, seed=10)
     g = np.random.default_rng(11).standard_normal(len(m)).astype(np.float32)
     g[::9] = 0.0
@@ -288,6 +290,11 @@ def test_counting_pass_without_avx2_is_the_same(tmp_path, monkeypatch: pytest.Mo
         broken = m.copy()
         broken[77_777] = np.inf
         results.append(np.array(kernels.count_band(broken, g, -1.0, 1.0, False)[:3]))
+        tied = torch.from_numpy(np.where(g > 0.5, g, np.float32(0)))  # ~70% zero scores
+        k = int((tied > 0).sum()) + 20_000
+        for packed in (False, True):
+            answer = topk_mask_of_product(tied, torch.ones(len(m)), k, packed=packed)
+            results.append((answer.unpack() if packed else answer).numpy())
         return results
 
     vectorised = run()

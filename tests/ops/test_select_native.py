@@ -127,6 +127,36 @@ def test_ties_at_the_kth_score_spread_over_ranges(threads_used: int, monkeypatch
         assert_exact_both(scores, torch.ones(n), k)
 
 
+@pytest.mark.parametrize("threads_used", [1, 2, 3])
+def test_block_of_ties_at_the_kth_score_marked_from_its_bits(threads_used: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A k-th score inside a block of ties half the tensor wide (n not a multiple of 64): the bracket is the block
+    itself, the counting pass records the ties' bits in the band buffer, and the first r of them join the mask,
+    with the r-th in any range and at any bit of a word (bool and packed answers)."""
+    monkeypatch.setattr(threads, "workers", lambda: threads_used)
+    monkeypatch.setattr(threads, "RANGE", 20_000)
+    rng = np.random.default_rng(22)
+    n = 250_003
+    scores = rng.standard_normal(n).astype(np.float32)
+    scores[rng.random(n) < 0.5] = 0.0
+    scores = torch.from_numpy(scores)
+    above, ties = int((scores > 0).sum()), int((scores == 0).sum())
+    for r in (ties // 2, ties // 2 + 1, 3 * ties // 5 + 17, ties // 3 + 63):
+        assert_exact_both(scores, torch.ones(n), above + r)
+        recorded = kernels._workspace("band", 1, np.float32).base[: kernels.packed_size(n) // 4].view(np.uint8)
+        expected = np.packbits((scores == 0).numpy(), bitorder="little")
+        assert np.array_equal(recorded[: (n - n % 64) // 8], expected[: (n - n % 64) // 8])
+
+
+def test_block_of_ties_without_room_for_its_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Band buffers too small for a block of ties' bits: its first r ties are found by reading the scores again,
+    and the mask stays exact."""
+    monkeypatch.setattr(kernels, "_BAND_SHARE", 10**9)
+    monkeypatch.setattr(kernels, "_BAND_MIN", 1)
+    direction, grad = factors("zeros", 200_000, seed=6)
+    above = int((direction * grad > 0).sum())
+    assert_exact_both(direction, grad, above + int((direction * grad == 0).sum()) // 2)
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     size=st.integers(1, 3000),
