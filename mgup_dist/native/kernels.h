@@ -65,8 +65,10 @@ void mgup_count_band(const float *a, const float *b, const float *v, float eps, 
 int64_t mgup_mark_ties(const float *a, const float *b, int64_t n, float value, int64_t r, uint8_t *mask,
                        int64_t packed);
 int64_t mgup_mark_tie_bits(const uint8_t *ties, int64_t n, int64_t r, uint8_t *mask, int64_t packed);
-void mgup_settle_band(const float *band, const int64_t *where, int64_t count, float value, int64_t r,
-                      uint8_t *mask, int64_t packed);
+int64_t mgup_mark_above(const float *band, const int64_t *where, int64_t count, float value, uint8_t *mask,
+                        int64_t packed);
+int64_t mgup_mark_band_ties(const float *band, const int64_t *where, int64_t count, float value, int64_t r,
+                            uint8_t *mask, int64_t packed);
 void mgup_segment_order_statistics(const float *values, int64_t stride, const int64_t *lengths, int64_t parts,
                                    const int64_t *ranks, int64_t count, float *out, uint32_t *keys, uint32_t *work);
 

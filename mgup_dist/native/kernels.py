@@ -43,21 +43,21 @@ class Quotient(NamedTuple):
     """The Adam direction a counting pass forms from its ``a`` (the first moment): ``u = a/(sqrt(v) + eps)``
     into ``u``, bit for bit `adam_direction`; ``v`` and ``u`` are float32 of ``a``'s length."""
 
-    v: np.ndarray
+    v: Array
     eps: float
-    u: np.ndarray
+    u: Array
 
 
 _DTYPES = (torch.float32, torch.bool, torch.uint8)
 
 
-def usable(*tensors: torch.Tensor | None) -> bool:
-    """Whether the kernels can read these tensors: loaded, and each (None aside) a 1-D contiguous CPU tensor,
-    float32, bool or uint8 (packed bits)."""
+def usable(*tensors: torch.Tensor | None, dtypes: tuple[torch.dtype, ...] = _DTYPES) -> bool:
+    """Whether the kernels can read these tensors: loaded, and each (None aside) a 1-D contiguous CPU tensor of one
+    of ``dtypes`` (default: float32, bool or uint8 (packed bits))."""
     if library() is None:
         return False
     for t in tensors:
-        if t is not None and not (t.is_cpu and t.dim() == 1 and t.is_contiguous() and t.dtype in _DTYPES):
+        if t is not None and not (t.is_cpu and t.dim() == 1 and t.is_contiguous() and t.dtype in dtypes):
             return False
     return True
 
@@ -65,14 +65,28 @@ def usable(*tensors: torch.Tensor | None) -> bool:
 _workspaces = threading.local()
 
 
-def _workspace(name: str, size: int, dtype: type) -> np.ndarray:
-    """A 1-D ``dtype`` buffer of ``size`` elements kept per thread and grown as needed, so repeated passes do
-    not map fresh pages each time; its contents are only valid until the next call with ``name``."""
+class _Buffer(NamedTuple):
+    """A workspace buffer and its first element's address."""
+
+    array: np.ndarray
+    address: int
+
+
+def _buffer(name: str, size: int, dtype: type) -> _Buffer:
+    """The thread's whole 1-D ``dtype`` buffer for ``name``, of at least ``size`` elements, kept per thread and grown
+    as needed, so repeated passes do not map fresh pages each time; its contents are only valid until the next
+    call with ``name``."""
     cache = _workspaces.__dict__
-    buffer = cache.get(name)
-    if buffer is None or buffer.size < size:
-        buffer = cache[name] = np.empty(max(size, 2 * (0 if buffer is None else buffer.size)), dtype=dtype)
-    return buffer[:size]
+    found = cache.get(name)
+    if found is None or found.array.size < size:
+        array = np.empty(max(size, 2 * (0 if found is None else found.array.size)), dtype=dtype)
+        found = cache[name] = _Buffer(array, array.ctypes.data)
+    return found
+
+
+def _workspace(name: str, size: int, dtype: type) -> np.ndarray:
+    """The first ``size`` elements of `_buffer` ``name``."""
+    return _buffer(name, size, dtype).array[:size]
 
 
 def _first_capacity(n: int, count: int) -> int:
@@ -169,19 +183,6 @@ def adam_direction(m: Array, v: Array, eps: float, u: Array) -> None:
     library().mgup_adam_direction(_address(m), _address(v), _length(m), eps, _address(u), parts(_length(m)))
 
 
-def sample_scores(a: np.ndarray, b: np.ndarray | None, quotient: Quotient | None, start: int,
-                  stride: int) -> np.ndarray:
-    """The scores at ``start, start + stride, ...`` (``0 <= start``, ``stride >= 1``) in a fresh float32 array:
-    ``a`` (times ``b``), or with a ``quotient`` the direction it forms from ``a`` times ``b`` (``u`` is not
-    written)."""
-    v, eps = (None, 0.0) if quotient is None else quotient[:2]
-    out = np.empty(max(0, -(-(_length(a) - start) // stride)), dtype=np.float32)
-    count = max(1, min(workers(), len(out) // _SAMPLES_PER_PART))
-    library().mgup_sample_scores(_address(a), _address(b), _address(v), eps, start, stride, len(out), _address(out),
-                                 count)
-    return out
-
-
 SELECTED, MISSED, NONFINITE = 0, 1, 2  # outcomes of `select_sampled`
 
 
@@ -197,23 +198,29 @@ def first_bracket(pool: np.ndarray, n: int, k: int, margin_sd: float) -> tuple[f
     return float(bracket[0]), float(bracket[1])
 
 
-def select_sampled(a: np.ndarray, b: np.ndarray | None, quotient: Quotient | None, k: int, mask: Array,
-                   pool: np.ndarray, margin_sd: float, packed: bool = False) -> int:
-    """The exact top-k (``1 <= k < n``) of the scores (see `count_band`) into ``mask`` (bool, or packed bits)
-    from the sample ``pool`` in one native call (``mgup_select_sampled``): `SELECTED`, `NONFINITE`, or `MISSED`
-    (the first bracket missed, or its band outgrew the buffers: the mask is unsettled, the quotient formed)."""
+def select_sampled(a: Array, b: Array | None, quotient: Quotient | None, k: int, mask: Array, start: int,
+                   stride: int, margin_sd: float, packed: bool = False) -> tuple[int, np.ndarray]:
+    """The exact top-k (``1 <= k < n``) of the scores (see `count_band`) into ``mask`` (bool, or packed bits) in one
+    native call (``mgup_select_sampled``), which first gathers the sample of the scores at ``start, start + stride,
+    ...`` (``0 <= start < n``, ``stride >= 1``; with a ``quotient``, from directions formed there and not stored).
+    Returns the outcome, `SELECTED`, `NONFINITE`, or `MISSED` (the first bracket missed, or its band outgrew the
+    buffers: the mask is unsettled, the quotient formed), and the sample (float32, in a workspace: valid until the
+    next call)."""
     v, eps, u = quotient if quotient is not None else (None, 0.0, None)
-    n, count = _length(a), parts(_length(a))
+    n = _length(a)
+    count, size = parts(n), -(-(n - start) // stride)
     capacity = _first_capacity(n, count)
-    band = _workspace("band", capacity * count, np.float32)
-    where = _workspace("where", capacity * count, np.int64)
-    keys, work = _key_buffers(max(len(pool), capacity * count))
-    counts = _workspace("counts", 4 * count, np.int64)
-    return int(library().mgup_select_sampled(
-        _address(a), _address(b), _address(v), eps, _address(u), n, k, _address(mask), packed, _address(pool),
-        len(pool), margin_sd, _address(band), _address(where), capacity, _address(keys), _address(work),
-        _address(counts), count,
-    ))
+    room = max(size, capacity * count)
+    pool = _buffer("pool", size, np.float32)
+    band, where = _buffer("band", capacity * count, np.float32), _buffer("where", capacity * count, np.int64)
+    keys, work = _buffer("keys", room, np.uint32), _buffer("order", room, np.uint32)
+    counts = _buffer("counts", 4 * count, np.int64)
+    outcome = library().mgup_select_sampled(
+        _address(a), _address(b), _address(v), eps, _address(u), n, k, _address(mask), packed, start, stride,
+        pool.address, size, max(1, min(workers(), size // _SAMPLES_PER_PART)), margin_sd, band.address,
+        where.address, capacity, keys.address, work.address, counts.address, count,
+    )
+    return int(outcome), pool.array[:size]
 
 
 def settle_band(counts: Counts, value: float, r: int, mask: np.ndarray, packed: bool = False) -> None:

@@ -2,7 +2,7 @@
  * settle (mgup_dist/ops/select.py, `_native_mask`).
  *
  * mgup_select_sampled runs in one call what mgup_dist/ops/threshold.py's search_threshold does in its usual
- * single pass: the bracket around the k-th score from a strided sample (mgup_first_bracket, the same float
+ * single pass: the bracket around the k-th score from a strided sample it gathers (mgup_first_bracket, the same float
  * operations as `_bracket` with widen 1 on the interval (-inf, inf)), one counting pass that writes the mask
  * s > upper and collects the band (mgup_count_band), then the k-th score from the band and the band's positions
  * settled in the mask (or, when the bracket is a block of ties, the first ties marked from the bits of them the
@@ -18,7 +18,7 @@
 
 /* out[t] = the score at start + t*stride for t < size: a (times b), or with v not NULL adam_quotient(a, v, eps)
  * times b; split into `parts` ranges of t. */
-void mgup_sample_scores(const float *a, const float *b, const float *v, float eps, int64_t start, int64_t stride,
+static void sample_scores(const float *a, const float *b, const float *v, float eps, int64_t start, int64_t stride,
                         int64_t size, float *out, int64_t parts)
 {
     const int64_t ahead = 16; /* scores fetched ahead: every sampled score is on its own cache line */
@@ -80,13 +80,9 @@ static void settle_parts(const float *band, const int64_t *where, int64_t capaci
                          int64_t parts, float value, int64_t r, uint8_t *mask, int64_t packed)
 {
     for (int64_t t = 0; t < parts; t++)
-        for (int64_t j = 0; j < lengths[t]; j++)
-            r -= band[t * capacity + j] > value;
-    for (int64_t t = 0; t < parts; t++) { /* the ties left for later ranges: r less the ties settled here */
-        mgup_settle_band(band + t * capacity, where + t * capacity, lengths[t], value, r, mask, packed);
-        for (int64_t j = 0; j < lengths[t] && r > 0; j++)
-            r -= band[t * capacity + j] == value;
-    }
+        r -= mgup_mark_above(band + t * capacity, where + t * capacity, lengths[t], value, mask, packed);
+    for (int64_t t = 0; t < parts && r > 0; t++)
+        r -= mgup_mark_band_ties(band + t * capacity, where + t * capacity, lengths[t], value, r, mask, packed);
 }
 
 /* Outcomes of mgup_select_sampled. */
@@ -96,14 +92,17 @@ enum { SELECTED = 0, MISSED = 1, NONFINITE = 2 };
  * adam_quotient(a, v, eps), written to u, times b) into mask (bool bytes, or bits when packed), ties to the
  * lowest indices, from the sample pool[0, size): SELECTED, or NONFINITE (some score is NaN or infinite), or
  * MISSED (the first bracket did not hold the k-th score, or a range's band outgrew `capacity`; the mask is then
- * unsettled and the caller searches on, with u formed). band and where hold parts*capacity entries (band
- * also holds the bits of a block of ties when it has room for n bits); keys and
- * work max(size, parts*capacity) uint32 each; counts 4*parts int64 (mgup_count_band's out). */
+ * unsettled and the caller searches on, with u formed). The sample is gathered first into pool[0, size): the
+ * scores at start + t*stride (start + (size - 1)*stride < n), split into sample_parts ranges; it stays there for
+ * the caller's search. band and where hold parts*capacity entries (band also holds the bits of a block of ties
+ * when it has room for n bits); keys and work max(size, parts*capacity) uint32 each; counts 4*parts int64
+ * (mgup_count_band's out). */
 int64_t mgup_select_sampled(const float *a, const float *b, const float *v, float eps, float *u, int64_t n,
-                            int64_t k, uint8_t *mask, int64_t packed, const float *pool, int64_t size,
-                            double margin_sd, float *band, int64_t *where, int64_t capacity, uint32_t *keys,
-                            uint32_t *work, int64_t *counts, int64_t parts)
+                            int64_t k, uint8_t *mask, int64_t packed, int64_t start, int64_t stride, float *pool,
+                            int64_t size, int64_t sample_parts, double margin_sd, float *band, int64_t *where,
+                            int64_t capacity, uint32_t *keys, uint32_t *work, int64_t *counts, int64_t parts)
 {
+    sample_scores(a, b, v, eps, start, stride, size, pool, sample_parts);
     float bracket[2];
     mgup_first_bracket(pool, size, n, k, margin_sd, bracket, keys, work);
     float lower = bracket[0], upper = bracket[1];

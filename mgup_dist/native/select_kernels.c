@@ -316,17 +316,42 @@ int64_t mgup_topk_small(const float *a, const float *b, int64_t n, int64_t k, ui
     return 0;
 }
 
+/* Sets the mask (bool bytes, or bits when packed) at where[j] for every band score band[j] > value; returns how
+ * many there are. */
+int64_t mgup_mark_above(const float *band, const int64_t *where, int64_t count, float value, uint8_t *mask,
+                        int64_t packed)
+{
+    int64_t above = 0;
+    for (int64_t j = 0; j < count; j++) { /* no branch: about half the band lies above value */
+        int high = band[j] > value;
+        mask_or(mask, packed, where[j], high);
+        above += high;
+    }
+    return above;
+}
+
+/* Sets the mask at where[j] for the first r band scores band[j] == value (the band is in flat order); returns how
+ * many it set. Reads the band only up to the r-th. */
+int64_t mgup_mark_band_ties(const float *band, const int64_t *where, int64_t count, float value, int64_t r,
+                            uint8_t *mask, int64_t packed)
+{
+    int64_t marked = 0;
+    for (int64_t j = 0; j < count && marked < r; j++)
+        if (band[j] == value) {
+            mask_or(mask, packed, where[j], 1);
+            marked++;
+        }
+    return marked;
+}
+
 /* Settles the band of the last counting pass once the k-th score value is known: the mask (bool bytes, or bits
  * when packed; False at the band's positions, as the counting pass leaves it) at where[j] becomes band[j] >
- * value, or band[j] == value for the first r such j (the band is in flat order). */
+ * value, or band[j] == value for the first r such j. */
 void mgup_settle_band(const float *band, const int64_t *where, int64_t count, float value, int64_t r,
                       uint8_t *mask, int64_t packed)
 {
-    for (int64_t j = 0; j < count; j++) {
-        int equal = band[j] == value && r > 0;
-        r -= equal;
-        mask_or(mask, packed, where[j], band[j] > value || equal);
-    }
+    mgup_mark_above(band, where, count, value, mask, packed);
+    mgup_mark_band_ties(band, where, count, value, r, mask, packed);
 }
 
 void mgup_fill_mask(const float *a, const float *b, int64_t n, float value, int64_t cut, uint8_t *mask,

@@ -18,7 +18,7 @@ On CPU, where the native kernels of `mgup_dist.native` are built, each pass is o
 ``s > upper`` and records where the band lies, so the k-th score's band is settled in place and the mask costs
 no pass of its own; scores given as a product (`topk_mask_of_product`) are never written to memory, and an
 unformed Adam direction (`AdamQuotient`) is formed by the first counting pass itself. The usual case (the
-first bracket holds ``T``) runs in one native call after a native strided gather of the sample
+first bracket holds ``T``) runs in one native call that also gathers the strided sample
 (`kernels.select_sampled`); the Python search takes over only when that bracket misses. Otherwise
 the passes run on zero-copy numpy views of the tensors, block by block so temporaries stay in cache:
 torch 2.13's CPU comparisons into bool and boolean indexing are several times slower than numpy's. The
@@ -30,6 +30,7 @@ tie search up to the cut when ties straddle it), partial sorts of ``~2·n**(2/3)
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Iterator, TypeVar
 
@@ -146,6 +147,7 @@ def _map(fn: Callable[[int, int], T], values: Values) -> list[T]:
     return [fn(0, len(values))]
 
 
+@functools.lru_cache(maxsize=1024)
 def _stride(n: int, density: float) -> int:
     """The stride of a sample of about ``density·n**(2/3)`` of ``n`` scores (between 1024 and `_MAX_SAMPLE`),
     prime to 2 and 3 (see `_sample`)."""
@@ -160,19 +162,11 @@ def _sample(values: Values, density: float = 2.0) -> Values:
     """A deterministic strided sample of about ``density·n**(2/3)`` scores (between 1024 and `_MAX_SAMPLE`),
     which balances the sample's cost against collecting and ordering the band (whose size falls as the
     sample's square root grows): 2 for the portable passes, whose band costs most; `NATIVE_DENSITY` for the
-    native ones (`_native_sample`), where fetching the strided sample from memory costs more than a wider band.
+    native ones (`_native_mask`), where fetching the strided sample from memory costs more than a wider band.
     The stride is prime to 2 and 3, so rows of power-of-two or 3·2**j columns are sampled across all their
     columns."""
     stride = _stride(len(values), density)
     return values[stride // 2 :: stride]
-
-
-def _native_sample(a: np.ndarray, b: np.ndarray | None, quotient: kernels.Quotient | None) -> np.ndarray:
-    """The scores at `_sample`'s positions (``NATIVE_DENSITY``) gathered in one native call: ``a`` (times ``b``),
-    or with a ``quotient`` the direction formed from the sampled moments (``a`` is then its first moment)
-    times ``b``; bit for bit the scores there."""
-    stride = _stride(len(a), NATIVE_DENSITY)
-    return kernels.sample_scores(a, b, quotient, stride // 2, stride)
 
 
 def kth_largest(scores: torch.Tensor, k: int, score_range: tuple[float, float] | None = None) -> Threshold:
@@ -229,7 +223,8 @@ def _native_mask(
 
     No min/max reduction: every counting pass also checks for NaN and infinity. Tensors too small to sample
     take one native call (`kernels.topk_small`); the others one call for the usual case
-    (`kernels.select_sampled`: the sample's bracket, one counting pass that writes the mask ``s > upper`` and
+    (`kernels.select_sampled`: the strided sample at `_stride`'s positions of density `NATIVE_DENSITY` and its
+    bracket, one counting pass that writes the mask ``s > upper`` and
     collects the band, the band's positions settled), and `_native_search` when that pass missed."""
     n = a.numel()
     if quotient is not None and (n < SAMPLE_FROM or k in (0, n)):
@@ -242,17 +237,16 @@ def _native_mask(
     if n < SAMPLE_FROM:
         require_finite(kernels.topk_small(a, b, k, mask))
         return mask
-    av, bv, out = a.detach().numpy(), None if b is None else b.detach().numpy(), mask.numpy()
-    operands = quotient and quotient.operands()
-    pool = _native_sample(av, bv, operands)
-    bits = mask.view(torch.uint8)[: kernels.packed_size(n)] if packed else mask
-    outcome = kernels.select_sampled(av, bv, operands, k, bits, pool, MARGIN_SD, packed)
+    stride = _stride(n, NATIVE_DENSITY)
+    outcome, pool = kernels.select_sampled(a, b, quotient and quotient.operands(), k, mask, stride // 2, stride,
+                                           MARGIN_SD, packed)  # packed bits go to the first bytes of mask
     if quotient is not None:
-        av, quotient.formed = quotient.out.numpy(), True
+        a, quotient.formed = quotient.out, True
     require_finite(outcome == kernels.NONFINITE)
     if outcome == kernels.SELECTED:
-        return PackedMask(bits, n) if packed else mask
-    _native_search(av, bv, k, out, pool)  # a bool mask: rare, and overwrites the bits
+        return PackedMask(mask.view(torch.uint8)[: kernels.packed_size(n)], n) if packed else mask
+    b = None if b is None else _host_view(b)
+    _native_search(_host_view(a), b, k, _host_view(mask), pool)  # rare; the search writes a bool mask
     return mask
 
 
@@ -296,14 +290,15 @@ def topk_mask_of_product(
     product is formed (`ScoreProduct.materialize`, into ``buffer`` when given) and passed to `topk_mask`. An
     `AdamQuotient` direction is formed by the first counting pass when `AdamQuotient.fusable`, else first.
     ``packed``: the answer may be a `PackedMask` (see `_native_mask`)."""
-    scores = ScoreProduct(direction, grad, buffer)
-    shape = direction.out.shape if isinstance(direction, AdamQuotient) else direction.shape
+    quotient = isinstance(direction, AdamQuotient)
+    shape = direction.out.shape if quotient else direction.shape
     if shape != grad.shape:
         raise ValueError(f"score factors differ in shape: {tuple(shape)} and {tuple(grad.shape)}")
-    if isinstance(direction, AdamQuotient) and direction.fusable(grad) and kernels.usable(out):
+    if quotient and direction.fusable(grad) and kernels.usable(out):
         _check(direction.exp_avg, k, out)
         mask = torch.empty(grad.numel(), dtype=torch.bool) if out is None else out
         return _native_mask(direction.exp_avg, grad, k, mask, direction, packed)
+    scores = ScoreProduct(direction, grad, buffer)
     direction = scores.direction_tensor()
     if not kernels.usable(direction, grad, out) or direction.dtype != torch.float32 or grad.dtype != torch.float32:
         return topk_mask(scores.materialize(), k, out)

@@ -24,6 +24,9 @@ def _correct_sqrt(values: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(values, out=out)
 
 
+_FLOAT32 = (torch.float32,)
+
+
 def adam_direction(
     exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, eps: float, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -31,7 +34,7 @@ def adam_direction(
     ``exp_avg_sq``), or in a fresh tensor. Each operation is rounded to the tensors' dtype. Float32 CPU tensors
     go through one native pass (`mgup_dist.native.kernels.adam_direction`), bit for bit the portable one."""
     out = torch.empty_like(exp_avg_sq) if out is None else out
-    if exp_avg.dtype == torch.float32 and kernels.usable(exp_avg, exp_avg_sq, out) and out.dtype == torch.float32:
+    if kernels.usable(exp_avg, exp_avg_sq, out, dtypes=_FLOAT32):
         kernels.adam_direction(exp_avg, exp_avg_sq, eps, out)
         return out
     denom = _correct_sqrt(exp_avg_sq, out).add_(eps)
@@ -64,9 +67,8 @@ class AdamQuotient:
     def fusable(self, grad: torch.Tensor) -> bool:
         """Whether the native counting pass can form it while scoring against ``grad``: not yet formed, and every
         operand a float32 contiguous CPU tensor."""
-        tensors = (self.exp_avg, self.exp_avg_sq, self.out, grad)
-        return not self.formed and all(t.dtype == torch.float32 for t in tensors) and kernels.usable(*tensors)
+        return not self.formed and kernels.usable(self.exp_avg, self.exp_avg_sq, self.out, grad, dtypes=_FLOAT32)
 
     def operands(self) -> kernels.Quotient:
-        """The numpy views the native counting pass takes (see `fusable`)."""
-        return kernels.Quotient(self.exp_avg_sq.detach().numpy(), self.eps, self.out.detach().numpy())
+        """What the native counting pass takes (see `fusable`)."""
+        return kernels.Quotient(self.exp_avg_sq, self.eps, self.out)

@@ -107,15 +107,13 @@ def masked_step(
     buffer, so Φ never goes to memory and the product is read back from cache.
     """
     values = _factors(high, low, direction.dtype)
-    native = param.dtype == direction.dtype == torch.float32 and kernels.usable(param, direction)
-    if isinstance(selected, PackedMask):
-        if native and kernels.usable(selected.bits):
-            kernels.masked_update(param, direction, selected.bits, values.high, values.low, -step_size, packed=True)
-            return
-        selected = selected.unpack()
-    if native and kernels.usable(selected):
-        kernels.masked_update(param, direction, selected, values.high, values.low, -step_size)
+    packed = isinstance(selected, PackedMask)
+    mask = selected.bits if packed else selected
+    if param.dtype == direction.dtype == torch.float32 and kernels.usable(param, direction, mask):
+        kernels.masked_update(param, direction, mask, values.high, values.low, -step_size, packed=packed)
         return
+    if packed:
+        selected = selected.unpack()
     size = _block_size(direction)
     buffer = torch.empty(min(size, direction.numel()), dtype=direction.dtype, device=direction.device)
     for block, update, chosen in zip(param.split(size), direction.split(size), selected.split(size)):

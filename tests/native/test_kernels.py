@@ -255,16 +255,22 @@ def test_count_band_forms_the_quotient_while_counting() -> None:
 
 
 @pytest.mark.parametrize("start, stride", [(0, 1), (3, 7), (100_002, 5), (50, 100_000)])
-def test_sample_scores_are_the_scores_at_the_strided_positions(start: int, stride: int) -> None:
+def test_sampled_selection_samples_the_scores_at_the_strided_positions(start: int, stride: int) -> None:
+    """The sample `select_sampled` gathers and returns: the scores at ``start, start + stride, ...``, also when they
+    are products or directions formed from the moments (NaN and infinity included)."""
     m, v = moments(100_003, seed=8)
     g = np.random.default_rng(9).standard_normal(len(m)).astype(np.float32)
     at = slice(start, None, stride)
-    assert np.array_equal(kernels.sample_scores(m, None, None, start, stride), m[at])
-    assert np.array_equal(kernels.sample_scores(m, g, None, start, stride), (m * g)[at])
     u = np.full_like(m, np.nan)
-    fused = kernels.sample_scores(m, g, kernels.Quotient(v, 1e-8, u), start, stride)
-    assert np.array_equal(fused, (quotient_reference(m, v, 1e-8) * g)[at], equal_nan=True)
-    assert np.isnan(u).all()  # the sample forms directions, it does not store them
+    cases = [
+        (None, None, m[at]),
+        (g, None, (m * g)[at]),
+        (g, kernels.Quotient(v, 1e-8, u), (quotient_reference(m, v, 1e-8) * g)[at]),
+    ]
+    for factor, quotient, expected in cases:
+        mask = np.zeros(len(m), dtype=bool)
+        _, sample = kernels.select_sampled(m, factor, quotient, len(m) // 3, mask, start, stride, 2.5)
+        assert np.array_equal(sample, expected, equal_nan=True)
 
 
 def test_counting_pass_without_avx2_is_the_same(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:

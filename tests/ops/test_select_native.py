@@ -74,12 +74,12 @@ def test_band_wider_than_the_first_buffer(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_misleading_sample_costs_passes_not_exactness(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A sample shifted off the scores makes the one-call selection miss; the Python search takes over (more
-    counting passes) and the mask stays exact."""
-    original = select._native_sample
-    monkeypatch.setattr(select, "_native_sample", lambda *factors: original(*factors) + np.float32(1e-3))
+    """Spikes at exactly the sampled positions mislead the sample; the one-call selection misses, the Python
+    search takes over (more counting passes) and the mask stays exact."""
     outcomes, passes = recording_outcomes(monkeypatch)
     direction, grad = factors("products", 200_000, seed=11)
+    stride = select._stride(200_000, select.NATIVE_DENSITY)
+    direction[stride // 2 :: stride] = 1e3
     assert_exact_both(direction, grad, 100_000)
     assert kernels.MISSED in outcomes and passes
 
@@ -89,7 +89,12 @@ def recording_outcomes(monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], list
     outcomes: list[int] = []
     passes: list[int] = []
     sampled, counting = kernels.select_sampled, kernels.count_band
-    monkeypatch.setattr(kernels, "select_sampled", lambda *args: outcomes.append(sampled(*args)) or outcomes[-1])
+    def select(*args):
+        answer = sampled(*args)
+        outcomes.append(answer[0])
+        return answer
+
+    monkeypatch.setattr(kernels, "select_sampled", select)
     monkeypatch.setattr(kernels, "count_band", lambda *args, **kw: passes.append(1) or counting(*args, **kw))
     return outcomes, passes
 
