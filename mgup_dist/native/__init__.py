@@ -18,6 +18,7 @@ back), ``0`` (never use them), ``1`` (require them: `NativeUnavailableError` whe
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -26,8 +27,10 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from functools import lru_cache
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -148,6 +151,26 @@ def _cached(raw: str) -> ctypes.CDLL | None:
         return None
 
 
+_pins = threading.local()  # per thread: the libraries `pinned` blocks hold, innermost last
+
+
 def library() -> ctypes.CDLL | None:
-    """The native kernels, or None (see the module docstring); built and loaded once per process and setting."""
+    """The native kernels, or None (see the module docstring); built and loaded once per process and setting.
+    Inside a `pinned` block, what `library` returned on entering it (``MGUP_DIST_NATIVE`` is not read again)."""
+    held = getattr(_pins, "stack", None)
+    if held:
+        return held[-1]
     return _cached(os.environ.get("MGUP_DIST_NATIVE", "auto"))
+
+
+@contextlib.contextmanager
+def pinned() -> Iterator[None]:
+    """Within the block, in this thread, `library` answers without reading ``MGUP_DIST_NATIVE``: the kernels
+    are looked up once for a whole optimizer step instead of once per kernel call."""
+    if not hasattr(_pins, "stack"):
+        _pins.stack = []
+    _pins.stack.append(library())
+    try:
+        yield
+    finally:
+        _pins.stack.pop()

@@ -12,6 +12,7 @@ from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 
+from mgup_dist import native
 from mgup_dist.optim.distributor import Distributor, LocalDistributor, distributor_for
 from mgup_dist.optim.nonfinite import NonFiniteGuard, check_policy
 from mgup_dist.optim.validation import check_state_shapes, check_unknown, validate_group
@@ -94,7 +95,8 @@ class RuleOptimizer(torch.optim.Optimizer):
         if skip:
             return loss
         rules = [self.rule_for(group, slot) for group, slot in slots]
-        run_rules(rules, self.distributor.ops, lockstep=getattr(self.distributor, "lockstep", True))
+        with native.pinned():  # MGUP_DIST_NATIVE is read once per step
+            run_rules(rules, self.distributor.ops, lockstep=getattr(self.distributor, "lockstep", True))
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

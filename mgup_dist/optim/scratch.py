@@ -15,20 +15,28 @@ class ScratchPool:
 
     A buffer handed out for ``name`` is valid until the next request for the same name, dtype and device, so
     only callers that finish with one tensor before starting the next may share a pool. Holds, per name and
-    dtype, as many elements as the largest request so far (``nbytes`` in all); `clear` releases them.
+    dtype, as many elements as the largest request so far (``nbytes`` in all); `clear` releases them. The views
+    handed out are kept per length, so the tensors of a model's few distinct sizes cost no slicing after the
+    first step.
     """
 
     def __init__(self) -> None:
         self.buffers: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+        self.views: dict[tuple[tuple[str, torch.dtype, torch.device], int], torch.Tensor] = {}
 
     def __call__(self, name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A 1-D ``dtype`` tensor of ``numel`` elements on ``device``, contents undefined."""
-        key = (name, dtype, torch.device(device))
+        key = (name, dtype, device if isinstance(device, torch.device) else torch.device(device))
+        view = self.views.get((key, numel))
+        if view is not None:
+            return view
         buffer = self.buffers.get(key)
         if buffer is None or buffer.numel() < numel:
-            self.buffers.pop(key, None)  # release the smaller buffer before allocating its successor
+            self.buffers.pop(key, None)  # release the smaller buffer (and its views) before allocating a larger one
+            self.views = {at: v for at, v in self.views.items() if at[0] != key}
             buffer = self.buffers[key] = torch.empty(numel, dtype=dtype, device=device)
-        return buffer[:numel]
+        view = self.views[(key, numel)] = buffer[:numel]
+        return view
 
     @property
     def nbytes(self) -> int:
@@ -37,3 +45,4 @@ class ScratchPool:
     def clear(self) -> None:
         """Releases every buffer (the next step allocates them again)."""
         self.buffers.clear()
+        self.views.clear()

@@ -65,3 +65,39 @@ def test_compiler_errors_are_reported(fresh: Path, monkeypatch: pytest.MonkeyPat
     with pytest.raises(native.NativeUnavailableError, match="failed to build broken.c"):
         native.build()
     assert not list(fresh.glob("mgup_dist/native-*/*.so"))
+
+
+def test_pinned_holds_the_library_across_setting_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside `pinned` (an optimizer step) the setting is not read again; on leaving, it is; blocks nest."""
+    monkeypatch.setenv("MGUP_DIST_NATIVE", "1")
+    loaded = native.library()
+    assert loaded is not None
+    with native.pinned():
+        monkeypatch.setenv("MGUP_DIST_NATIVE", "0")
+        assert native.library() is loaded
+        with native.pinned():
+            assert native.library() is loaded
+        assert native.library() is loaded
+    assert native.library() is None
+    with native.pinned():
+        monkeypatch.setenv("MGUP_DIST_NATIVE", "1")
+        assert native.library() is None
+    assert native.library() is loaded
+
+
+def test_a_step_reads_the_setting_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An optimizer step pins the library: MGUP_DIST_NATIVE is read once per step, not per kernel call."""
+    import torch
+
+    from mgup_dist.optim import build_optimizer
+
+    reads = []
+    cached = native._cached
+    monkeypatch.setattr(native, "_cached", lambda raw: reads.append(raw) or cached(raw))
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (300, 20_000, 70_000)]
+    for param in params:
+        param.grad = torch.randn_like(param)
+    optimizer = build_optimizer("mgup_adamw", params)
+    reads.clear()
+    optimizer.step()
+    assert len(reads) == 1

@@ -22,6 +22,19 @@ def test_same_name_reuses_storage_and_grows_to_the_largest_request() -> None:
     assert pool("a", 10, torch.float32, CPU).data_ptr() == large.data_ptr()
 
 
+def test_views_are_kept_per_length_until_the_buffer_grows() -> None:
+    """A length asked for again gets the same view (no slicing); after the buffer grows, every length gets a view
+    of the new storage, and no view of the old buffer is kept."""
+    pool = ScratchPool()
+    first = pool("a", 10, torch.float32, CPU)
+    assert pool("a", 10, torch.float32, CPU) is first
+    assert pool("a", 4, torch.float32, "cpu").data_ptr() == first.data_ptr()
+    large = pool("a", 40, torch.float32, CPU)
+    again = pool("a", 10, torch.float32, CPU)
+    assert again is not first and again.data_ptr() == large.data_ptr() and again.shape == (10,)
+    assert all(view.untyped_storage().data_ptr() == large.data_ptr() for view in pool.views.values())
+
+
 def test_names_and_dtypes_get_separate_buffers() -> None:
     pool = ScratchPool()
     first = pool("a", 8, torch.float32, CPU)
