@@ -2,13 +2,12 @@
  * settle (mgup_dist/ops/select.py, `_native_mask`).
  *
  * mgup_select_sampled runs in one call what mgup_dist/ops/threshold.py's search_threshold does in its usual
- * single pass: the bracket around the k-th score from a strided sample it gathers (mgup_first_bracket, the same float
- * operations as `_bracket` with widen 1 on the interval (-inf, inf)), one counting pass that writes the mask
- * s > upper and collects the band (mgup_count_band), then the k-th score from the band and the band's positions
- * settled in the mask (or, when the bracket is a block of ties, the first ties marked from the bits of them the
- * pass recorded, reading no scores again). When the pass misses
- * the k-th score or its band overflows the buffers, it says so and the Python search takes over; the result is
- * exact either way.
+ * single pass: the bracket around the k-th score from a strided sample it gathers (mgup_first_bracket, the same
+ * float operations as `_bracket` with widen 1 on the interval (-inf, inf)), one counting pass that writes the
+ * mask s > upper and collects the band (mgup_count_band), then the k-th score from the band and the band's
+ * positions settled in the mask (or, when the bracket is a block of ties, the first ties marked from the bits of
+ * them the pass recorded, reading no scores again). When the pass misses the k-th score or its band overflows
+ * the buffers, it says so and the Python search takes over; the result is exact either way.
  */
 #include <math.h>
 #include <stdint.h>
