@@ -199,16 +199,15 @@ def first_bracket(pool: np.ndarray, n: int, k: int, margin_sd: float) -> tuple[f
 
 
 def select_sampled(a: Array, b: Array | None, quotient: Quotient | None, k: int, mask: Array, start: int,
-                   stride: int, margin_sd: float, packed: bool = False) -> tuple[int, np.ndarray]:
+                   stride: int, margin_sd: float, packed: bool = False) -> int:
     """The exact top-k (``1 <= k < n``) of the scores (see `count_band`) into ``mask`` (bool, or packed bits) in one
     native call (``mgup_select_sampled``), which first gathers the sample of the scores at ``start, start + stride,
-    ...`` (``0 <= start < n``, ``stride >= 1``; with a ``quotient``, from directions formed there and not stored).
-    Returns the outcome, `SELECTED`, `NONFINITE`, or `MISSED` (the first bracket missed, or its band outgrew the
-    buffers: the mask is unsettled, the quotient formed), and the sample (float32, in a workspace: valid until the
-    next call)."""
+    ...`` (``0 <= start < n``, ``stride >= 1``; with a ``quotient``, from directions formed there and not stored;
+    `gathered_sample` returns it). Returns `SELECTED`, `NONFINITE`, or `MISSED` (the first bracket missed, or its
+    band outgrew the buffers: the mask is unsettled, the quotient formed)."""
     v, eps, u = quotient if quotient is not None else (None, 0.0, None)
     n = _length(a)
-    count, size = parts(n), -(-(n - start) // stride)
+    count, size = parts(n), _sample_size(n, start, stride)
     capacity = _first_capacity(n, count)
     room = max(size, capacity * count)
     pool = _buffer("pool", size, np.float32)
@@ -220,7 +219,18 @@ def select_sampled(a: Array, b: Array | None, quotient: Quotient | None, k: int,
         pool.address, size, max(1, min(workers(), size // _SAMPLES_PER_PART)), margin_sd, band.address,
         where.address, capacity, keys.address, work.address, counts.address, count,
     )
-    return int(outcome), pool.array[:size]
+    return int(outcome)
+
+
+def _sample_size(n: int, start: int, stride: int) -> int:
+    """How many of ``start, start + stride, ...`` lie below ``n``."""
+    return -(-(n - start) // stride)
+
+
+def gathered_sample(n: int, start: int, stride: int) -> np.ndarray:
+    """The sample this thread's last `select_sampled` call (over ``n`` scores from ``start`` by ``stride``)
+    gathered: float32, in a workspace, valid until the next `select_sampled`."""
+    return _workspace("pool", _sample_size(n, start, stride), np.float32)
 
 
 def settle_band(counts: Counts, value: float, r: int, mask: np.ndarray, packed: bool = False) -> None:

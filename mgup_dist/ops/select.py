@@ -238,13 +238,14 @@ def _native_mask(
         require_finite(kernels.topk_small(a, b, k, mask))
         return mask
     stride = _stride(n, NATIVE_DENSITY)
-    outcome, pool = kernels.select_sampled(a, b, quotient and quotient.operands(), k, mask, stride // 2, stride,
-                                           MARGIN_SD, packed)  # packed bits go to the first bytes of mask
+    outcome = kernels.select_sampled(a, b, quotient and quotient.operands(), k, mask, stride // 2, stride, MARGIN_SD,
+                                     packed)  # packed bits go to the first bytes of mask
     if quotient is not None:
         a, quotient.formed = quotient.out, True
     require_finite(outcome == kernels.NONFINITE)
     if outcome == kernels.SELECTED:
-        return PackedMask(mask.view(torch.uint8)[: kernels.packed_size(n)], n) if packed else mask
+        return PackedMask(mask, n) if packed else mask
+    pool = kernels.gathered_sample(n, stride // 2, stride)
     b = None if b is None else _host_view(b)
     _native_search(_host_view(a), b, k, _host_view(mask), pool)  # rare; the search writes a bool mask
     return mask

@@ -108,7 +108,7 @@ def masked_step(
     """
     values = _factors(high, low, direction.dtype)
     packed = isinstance(selected, PackedMask)
-    mask = selected.bits if packed else selected
+    mask = selected.storage if packed else selected
     if param.dtype == direction.dtype == torch.float32 and kernels.usable(param, direction, mask):
         kernels.masked_update(param, direction, mask, values.high, values.low, -step_size, packed=packed)
         return

@@ -56,16 +56,24 @@ class ScoreProduct:
 
 @dataclass(frozen=True)
 class PackedMask:
-    """A 1-D mask of ``numel`` elements, one bit each: element ``i`` is bit ``i % 8`` of byte ``i // 8`` of
-    ``bits`` (``torch.uint8``, ``(numel + 7) // 8`` bytes; the bits past ``numel`` are unspecified)."""
+    """A 1-D mask of ``numel`` elements, one bit each: element ``i`` is bit ``i % 8`` of byte ``i // 8`` of the
+    first ``(numel + 7) // 8`` bytes of ``storage``, a 1-D contiguous ``torch.uint8`` or ``torch.bool`` tensor of at
+    least that many bytes (e.g. the bool buffer the bits were written into; the bits past ``numel`` are
+    unspecified). Kernels read ``storage``'s memory directly; `bits` is the uint8 view."""
 
-    bits: torch.Tensor
+    storage: torch.Tensor
     numel: int
+
+    @property
+    def bits(self) -> torch.Tensor:
+        """The ``(numel + 7) // 8`` bytes of bits as a ``torch.uint8`` view of ``storage``."""
+        return self.storage.view(torch.uint8)[: (self.numel + 7) // 8]
 
     def unpack(self) -> torch.Tensor:
         """The mask as a 1-D ``torch.bool`` tensor of ``numel`` elements."""
-        shifts = torch.arange(8, dtype=torch.uint8, device=self.bits.device)
-        return ((self.bits.unsqueeze(1) >> shifts) & 1).view(-1)[: self.numel].bool()
+        bits = self.bits
+        shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
+        return ((bits.unsqueeze(1) >> shifts) & 1).view(-1)[: self.numel].bool()
 
 
 @dataclass

@@ -256,8 +256,8 @@ def test_count_band_forms_the_quotient_while_counting() -> None:
 
 @pytest.mark.parametrize("start, stride", [(0, 1), (3, 7), (100_002, 5), (50, 100_000)])
 def test_sampled_selection_samples_the_scores_at_the_strided_positions(start: int, stride: int) -> None:
-    """The sample `select_sampled` gathers and returns: the scores at ``start, start + stride, ...``, also when they
-    are products or directions formed from the moments (NaN and infinity included)."""
+    """The sample `select_sampled` gathers (`gathered_sample`): the scores at ``start, start + stride, ...``, also
+    when they are products or directions formed from the moments (NaN and infinity included)."""
     m, v = moments(100_003, seed=8)
     g = np.random.default_rng(9).standard_normal(len(m)).astype(np.float32)
     at = slice(start, None, stride)
@@ -269,8 +269,8 @@ def test_sampled_selection_samples_the_scores_at_the_strided_positions(start: in
     ]
     for factor, quotient, expected in cases:
         mask = np.zeros(len(m), dtype=bool)
-        _, sample = kernels.select_sampled(m, factor, quotient, len(m) // 3, mask, start, stride, 2.5)
-        assert np.array_equal(sample, expected, equal_nan=True)
+        kernels.select_sampled(m, factor, quotient, len(m) // 3, mask, start, stride, 2.5)
+        assert np.array_equal(kernels.gathered_sample(len(m), start, stride), expected, equal_nan=True)
 
 
 def test_counting_pass_without_avx2_is_the_same(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:

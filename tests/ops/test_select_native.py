@@ -89,12 +89,7 @@ def recording_outcomes(monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], list
     outcomes: list[int] = []
     passes: list[int] = []
     sampled, counting = kernels.select_sampled, kernels.count_band
-    def select(*args):
-        answer = sampled(*args)
-        outcomes.append(answer[0])
-        return answer
-
-    monkeypatch.setattr(kernels, "select_sampled", select)
+    monkeypatch.setattr(kernels, "select_sampled", lambda *args: outcomes.append(sampled(*args)) or outcomes[-1])
     monkeypatch.setattr(kernels, "count_band", lambda *args, **kw: passes.append(1) or counting(*args, **kw))
     return outcomes, passes
 

@@ -160,11 +160,14 @@ def test_masked_step_is_the_unfused_update_bit_for_bit(
         expected = param.clone()
         expected.add_(direction.clone().mul_(torch.where(
             selected, torch.tensor(high, dtype=dtype), torch.tensor(low, dtype=dtype))), alpha=-0.37)
-        got = param.clone()
         bits = torch.from_numpy(np.packbits(selected.numpy(), bitorder="little"))
-        masks.masked_step(got, direction.clone(), PackedMask(bits, n) if packed else selected, high, low, 0.37)
-        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
-        assert torch.equal(got.view(bits), expected.view(bits)), (high, low)
+        in_bool_buffer = torch.ones(n, dtype=torch.bool)  # as the native selection leaves them
+        in_bool_buffer.view(torch.uint8)[: len(bits)] = bits
+        integers = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
+        for storage in (bits, in_bool_buffer) if packed else (None,):
+            got = param.clone()
+            masks.masked_step(got, direction.clone(), PackedMask(storage, n) if packed else selected, high, low, 0.37)
+            assert torch.equal(got.view(integers), expected.view(integers)), (high, low)
 
 
 def test_masked_step_on_a_parameter_that_requires_grad() -> None:

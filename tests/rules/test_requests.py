@@ -37,3 +37,16 @@ def test_packed_mask_unpacks_to_its_bool_mask(n: int) -> None:
     bits[-1:] |= np.uint8(0x80) if n % 8 else np.uint8(0)  # bits past numel are ignored
     unpacked = PackedMask(torch.from_numpy(bits), n).unpack()
     assert unpacked.dtype == torch.bool and torch.equal(unpacked, mask)
+
+
+@pytest.mark.parametrize("n", [1, 13, 1000])
+def test_packed_mask_in_a_bool_buffer(n: int) -> None:
+    """Bits written into the first bytes of a bool buffer (as the native selection does): `bits` is the uint8 view
+    of exactly those bytes, and unpacking ignores the rest of the buffer."""
+    mask = torch.rand(n, generator=torch.Generator().manual_seed(n)) < 0.5
+    storage = torch.ones(n + 5, dtype=torch.bool)
+    storage.view(torch.uint8)[: (n + 7) // 8] = torch.from_numpy(np.packbits(mask.numpy(), bitorder="little"))
+    packed = PackedMask(storage, n)
+    assert packed.bits.dtype == torch.uint8 and packed.bits.shape == ((n + 7) // 8,)
+    assert packed.bits.data_ptr() == storage.data_ptr()
+    assert torch.equal(packed.unpack(), mask)
