@@ -3,7 +3,7 @@
 Arrays are 1-D C-contiguous numpy views of CPU tensors, or the tensors themselves (`usable` ones): scores ``a``
 (float32), with ``b`` (float32, same length) when the scores are the products ``a·b`` (see
 `mgup_dist.rules.requests.ScoreProduct`), masks bool, or where a function takes ``packed`` one bit per element
-(uint8 of `packed_size` bytes: element ``i`` is bit ``i % 8`` of byte ``i // 8``). A pass may also form an Adam
+(the first `packed_size` bytes of a uint8 or bool buffer: element ``i`` is bit ``i % 8`` of byte ``i // 8``). A pass may also form an Adam
 direction ``u = a/(sqrt(v) + eps)`` and take the scores ``u·b`` (a `Quotient`). Callers check dtypes and lengths;
 these functions only require `mgup_dist.native.library()` to be loaded. Passes over whole tensors split into
 `mgup_dist.native.threads.parts` ranges that torch's OpenMP team runs; results never depend on the thread count.
@@ -94,9 +94,9 @@ def _first_capacity(n: int, count: int) -> int:
     return n // count // _BAND_SHARE + _BAND_MIN
 
 
-def _key_buffers(size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The two uint32 buffers (keys, work) of ``size`` entries that the radix order statistics need."""
-    return _workspace("keys", size, np.uint32), _workspace("order", size, np.uint32)
+def _key_buffers(size: int) -> tuple[_Buffer, _Buffer]:
+    """The two uint32 buffers (keys, work) of at least ``size`` entries that the radix order statistics need."""
+    return _buffer("keys", size, np.uint32), _buffer("order", size, np.uint32)
 
 
 def _length(array: Array) -> int:
@@ -193,8 +193,8 @@ def first_bracket(pool: np.ndarray, n: int, k: int, margin_sd: float) -> tuple[f
     pool = np.ascontiguousarray(pool)
     bracket = np.empty(2, dtype=np.float32)
     keys, work = _key_buffers(len(pool))
-    library().mgup_first_bracket(_address(pool), len(pool), n, k, margin_sd, _address(bracket), _address(keys),
-                                 _address(work))
+    library().mgup_first_bracket(_address(pool), len(pool), n, k, margin_sd, _address(bracket), keys.address,
+                                 work.address)
     return float(bracket[0]), float(bracket[1])
 
 
@@ -212,7 +212,7 @@ def select_sampled(a: Array, b: Array | None, quotient: Quotient | None, k: int,
     room = max(size, capacity * count)
     pool = _buffer("pool", size, np.float32)
     band, where = _buffer("band", capacity * count, np.float32), _buffer("where", capacity * count, np.int64)
-    keys, work = _buffer("keys", room, np.uint32), _buffer("order", room, np.uint32)
+    keys, work = _key_buffers(room)
     counts = _buffer("counts", 4 * count, np.int64)
     outcome = library().mgup_select_sampled(
         _address(a), _address(b), _address(v), eps, _address(u), n, k, _address(mask), packed, start, stride,
@@ -256,5 +256,5 @@ def order_statistics(values: np.ndarray, ranks: list[int]) -> list[float]:
     wanted, out = np.asarray(ranks, dtype=np.int64), np.empty(len(ranks), dtype=np.float32)
     keys, work = _key_buffers(len(values))
     library().mgup_order_statistics(_address(values), len(values), _address(wanted), len(wanted),
-                                    _address(out), _address(keys), _address(work))
+                                    _address(out), keys.address, work.address)
     return [float(x) for x in out]

@@ -224,8 +224,8 @@ def _native_mask(
     No min/max reduction: every counting pass also checks for NaN and infinity. Tensors too small to sample
     take one native call (`kernels.topk_small`); the others one call for the usual case
     (`kernels.select_sampled`: the strided sample at `_stride`'s positions of density `NATIVE_DENSITY` and its
-    bracket, one counting pass that writes the mask ``s > upper`` and
-    collects the band, the band's positions settled), and `_native_search` when that pass missed."""
+    bracket, one counting pass that writes the mask ``s > upper`` and collects the band, the band's positions
+    settled), and `_native_search` when that pass missed."""
     n = a.numel()
     if quotient is not None and (n < SAMPLE_FROM or k in (0, n)):
         a, quotient = quotient.form(), None
