@@ -49,17 +49,17 @@ MODES = ("auto", "0", "1")
 _i64, _f32, _f64, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_double, ctypes.c_void_p
 SIGNATURES = {
     "mgup_count_band": (
-        None, [_ptr, _ptr, _ptr, _f32, _ptr, _i64, _f32, _f32, _ptr, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _i64]
+        None, [_ptr, _ptr, _ptr, _ptr, _f32, _ptr, _i64, _f32, _f32, _ptr, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _i64]
     ),
     "mgup_fill_mask": (None, [_ptr, _ptr, _i64, _f32, _i64, _ptr, _i64]),
     "mgup_locate_ties": (_i64, [_ptr, _ptr, _i64, _f32, _i64, _ptr]),
     "mgup_mark_ties": (_i64, [_ptr, _ptr, _i64, _f32, _i64, _ptr, _i64]),
     "mgup_masked_update": (None, [_ptr, _ptr, _ptr, _i64, _i64, _f32, _f32, _f32, _i64]),
-    "mgup_adam_direction": (None, [_ptr, _ptr, _i64, _f32, _ptr, _i64]),
+    "mgup_adam_direction": (None, [_ptr, _ptr, _ptr, _ptr, _i64, _f32, _ptr, _i64]),
     "mgup_order_statistics": (None, [_ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr]),
     "mgup_topk_small": (_i64, [_ptr, _ptr, _i64, _i64, _ptr, _ptr]),
     "mgup_first_bracket": (None, [_ptr, _i64, _i64, _i64, _f64, _ptr, _ptr, _ptr]),
-    "mgup_select_sampled": (_i64, [_ptr, _ptr, _ptr, _f32, _ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _ptr, _i64, _i64,
+    "mgup_select_sampled": (_i64, [_ptr, _ptr, _ptr, _ptr, _f32, _ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _ptr, _i64, _i64,
                                    _f64, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64]),
     "mgup_settle_band": (None, [_ptr, _ptr, _i64, _f32, _i64, _ptr, _i64]),
 }

@@ -5,7 +5,9 @@
  *
  * A score is a[i]*b[i] rounded to float32 (the MGUP alignment direction * gradient), or a[i] when b is NULL.
  * The first counting pass of an Adam rule may also form the direction itself: a[i] is then the first moment m,
- * and the direction adam_quotient(m, v, eps) is written to u as the scores are counted.
+ * and the direction adam_quotient(m, v, eps) is written to u as the scores are counted; with moment coefficients
+ * the pass first updates m and v in place from the gradient b (adam_moments), so one pass does the Adam moment
+ * update, the direction and the count.
  * Every element gets the same float operations whatever its position (no reassociation, no FMA contraction:
  * built with -ffp-contract=off), so results do not depend on how a tensor is split into ranges or shards.
  * Where the loader adds -mavx2 -mfma -mpopcnt the pass runs on AVX2 intrinsics (count_vector), which perform
@@ -21,15 +23,17 @@
 #include <immintrin.h>
 #endif
 
-/* How a counting pass gets its scores: a[i], a[i]*b[i], or adam_quotient(a[i], v[i], eps)*b[i] with the
- * quotient also written to u[i]. */
-enum score_mode { SCORES, PRODUCT, QUOTIENT };
+/* How a counting pass gets its scores: a[i], a[i]*b[i], adam_quotient(a[i], v[i], eps)*b[i] with the quotient
+ * also written to u[i], or (MOMENTS) the same after a[i] and v[i] are updated in place (adam_moments). */
+enum score_mode { SCORES, PRODUCT, QUOTIENT, MOMENTS };
 
-/* The Adam direction the QUOTIENT mode forms while counting (NULL fields otherwise). */
+/* The Adam direction the QUOTIENT and MOMENTS modes form while counting (NULL pointers otherwise): m is a
+ * writable alias of a (MOMENTS writes m and v), and coef adam_moments' coefficients. */
 struct quotient {
-    const float *v;
+    float *m, *v;
     float eps;
     float *u;
+    float coef[4];
 };
 
 /* Where a counting pass puts its band: the first `capacity` band scores go to band (and their positions plus
@@ -56,6 +60,15 @@ static inline void keep(struct band_sink *sink, float s, int64_t i)
 static inline __attribute__((always_inline)) float score_at(const float *a, const float *b, struct quotient q,
                                                             enum score_mode mode, int64_t i)
 {
+    if (mode == MOMENTS) {
+        float m = a[i], v = q.v[i];
+        adam_moments(&m, &v, b[i], q.coef);
+        q.m[i] = m;
+        q.v[i] = v;
+        float u = adam_quotient(m, v, q.eps);
+        q.u[i] = u;
+        return u * b[i];
+    }
     if (mode == QUOTIENT) {
         float u = adam_quotient(a[i], q.v[i], q.eps);
         q.u[i] = u;
@@ -99,12 +112,21 @@ static inline __attribute__((always_inline)) __m256 score8(const float *a, const
     __m256 x = _mm256_loadu_ps(a + i);
     if (mode == SCORES)
         return x;
-    if (mode == QUOTIENT) {
-        __m256 root = _mm256_sqrt_ps(_mm256_loadu_ps(q.v + i));
+    __m256 g = _mm256_loadu_ps(b + i);
+    if (mode == QUOTIENT || mode == MOMENTS) {
+        __m256 second = _mm256_loadu_ps(q.v + i);
+        if (mode == MOMENTS) { /* adam_moments, lane by lane */
+            x = _mm256_fmadd_ps(g, _mm256_set1_ps(q.coef[1]), _mm256_mul_ps(x, _mm256_set1_ps(q.coef[0])));
+            second = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(q.coef[3]), g), g,
+                                     _mm256_mul_ps(second, _mm256_set1_ps(q.coef[2])));
+            _mm256_storeu_ps(q.m + i, x);
+            _mm256_storeu_ps(q.v + i, second);
+        }
+        __m256 root = _mm256_sqrt_ps(second);
         x = _mm256_div_ps(x, _mm256_add_ps(root, _mm256_set1_ps(q.eps)));
         _mm256_storeu_ps(q.u + i, x);
     }
-    return _mm256_mul_ps(x, _mm256_loadu_ps(b + i));
+    return _mm256_mul_ps(x, g);
 }
 
 /* Four 8-lane comparison results (all-ones or zero lanes) as 32 bool bytes, in lane order. */
@@ -204,7 +226,7 @@ static inline __attribute__((always_inline)) void count_vector(const float *a, c
     tally->over_lower += over_lower_total;
     count_scalar(a, b, q, mode, i, n, lower, upper, mask, packed, sink, tally);
     if (_mm256_movemask_ps(flagged)) { /* rare: count the non-finite scores of the vector part */
-        const float *scores = mode == QUOTIENT ? q.u : a;
+        const float *scores = mode == QUOTIENT || mode == MOMENTS ? q.u : a;
         for (int64_t j = 0; j < i; j++) {
             float s = mode == SCORES ? scores[j] : scores[j] * b[j];
             tally->nonfinite += !(fabsf(s) <= FLT_MAX);
@@ -249,7 +271,9 @@ static void count_band(const float *a, const float *b, struct quotient q, int64_
 {
     struct band_sink sink = {band, where, capacity, offset, 0, band == NULL ? ties : NULL};
     struct tally tally = {0, 0, 0};
-    if (q.v != NULL)
+    if (q.v != NULL && q.m != NULL)
+        count_range(a, b, q, MOMENTS, n, lower, upper, mask, packed, &sink, &tally);
+    else if (q.v != NULL)
         count_range(a, b, q, QUOTIENT, n, lower, upper, mask, packed, &sink, &tally);
     else if (b != NULL)
         count_range(a, b, q, PRODUCT, n, lower, upper, mask, packed, &sink, &tally);
@@ -265,15 +289,19 @@ static void count_band(const float *a, const float *b, struct quotient q, int64_
  * band[t*capacity...] and the band's flat positions to where[t*capacity...] (where and mask may be NULL; the mask
  * is bool bytes, or bits when packed). A pass that does not collect (band NULL) writes the band's bits to ties
  * (packed, (n + 7) / 8 bytes) when that is not NULL. With v not NULL the pass is in QUOTIENT mode: a is m, b the
- * gradient, and u receives the direction adam_quotient(m, v, eps). */
-void mgup_count_band(const float *a, const float *b, const float *v, float eps, float *u, int64_t n, float lower,
+ * gradient, and u receives the direction adam_quotient(m, v, eps); with coef not NULL (MOMENTS mode) m = a and v
+ * are first updated in place from b (adam_moments with coef). */
+void mgup_count_band(const float *a, const float *b, float *v, const float *coef, float eps, float *u, int64_t n,
+                     float lower,
                      float upper, float *band, int64_t *where, int64_t capacity, uint8_t *ties, uint8_t *mask,
                      int64_t packed, int64_t *out, int64_t parts)
 {
 #pragma omp parallel for schedule(static) num_threads(parts) if (parts > 1)
     for (int64_t t = 0; t < parts; t++) {
         int64_t lo = mask_part_start(n, t, parts), hi = mask_part_start(n, t + 1, parts);
-        struct quotient q = {v ? v + lo : NULL, eps, u ? u + lo : NULL};
+        struct quotient q = {coef ? (float *)a + lo : NULL, v ? v + lo : NULL, eps, u ? u + lo : NULL, {0, 0, 0, 0}};
+        if (coef != NULL)
+            memcpy(q.coef, coef, sizeof q.coef);
         count_band(a + lo, b ? b + lo : NULL, q, hi - lo, lo, lower, upper, band ? band + t * capacity : NULL,
                    where ? where + t * capacity : NULL, capacity, ties ? ties + mask_offset(lo, 1) : NULL,
                    mask ? mask + mask_offset(lo, packed) : NULL, (int)packed, out + 4 * t);

@@ -13,6 +13,15 @@ static inline float adam_quotient(float m, float v, float eps)
     return m / (sqrtf(v) + eps);
 }
 
+/* The Adam moment update of one element, in place: m <- fma(g, c1, m*beta1), v <- fma(c2*g, g, v*beta2), with
+ * coef = {beta1, c1, beta2, c2} (c1 = 1 - beta1 and c2 = 1 - beta2, each rounded to float32): bit for bit torch's
+ * m.mul_(beta1).add_(g, alpha=c1) and v.mul_(beta2).addcmul_(g, g, value=c2) on CPUs with FMA. */
+static inline void adam_moments(float *m, float *v, float g, const float *coef)
+{
+    *m = fmaf(g, coef[1], *m * coef[0]);
+    *v = fmaf(coef[3] * g, g, *v * coef[2]);
+}
+
 static inline int64_t part_start(int64_t n, int64_t part, int64_t parts)
 {
     return n * part / parts; /* n < 2**55 and parts < 256: no overflow */
@@ -59,8 +68,8 @@ static inline int mask_get(const uint8_t *mask, int64_t packed, int64_t i)
 }
 
 /* Kernels of count_pass.c and select_kernels.c that sampled_select.c drives (documented there). */
-void mgup_count_band(const float *a, const float *b, const float *v, float eps, float *u, int64_t n, float lower,
-                     float upper, float *band, int64_t *where, int64_t capacity, uint8_t *ties, uint8_t *mask,
+void mgup_count_band(const float *a, const float *b, float *v, const float *coef, float eps, float *u, int64_t n,
+                     float lower, float upper, float *band, int64_t *where, int64_t capacity, uint8_t *ties, uint8_t *mask,
                      int64_t packed, int64_t *out, int64_t parts);
 int64_t mgup_mark_ties(const float *a, const float *b, int64_t n, float value, int64_t r, uint8_t *mask,
                        int64_t packed);

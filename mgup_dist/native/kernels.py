@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+from functools import lru_cache
 from typing import NamedTuple, Union
 
 import numpy as np
@@ -41,11 +42,23 @@ class Counts(NamedTuple):
 
 class Quotient(NamedTuple):
     """The Adam direction a counting pass forms from its ``a`` (the first moment): ``u = a/(sqrt(v) + eps)``
-    into ``u``, bit for bit `adam_direction`; ``v`` and ``u`` are float32 of ``a``'s length."""
+    into ``u``, bit for bit `adam_direction`; ``v`` and ``u`` are float32 of ``a``'s length. With ``moments``
+    (`moment_coefficients`) the pass first updates ``a`` and ``v`` in place from the gradient ``b``, bit for bit
+    `adam_direction` with the same moments."""
 
     v: Array
     eps: float
     u: Array
+    moments: np.ndarray | None = None
+
+
+@lru_cache(maxsize=64)
+def moment_coefficients(beta1: float, beta2: float) -> np.ndarray:
+    """The float32 ``[β1, 1−β1, β2, 1−β2]`` (each computed in float64, then rounded) the native moment update
+    takes: ``m ← fma(g, 1−β1, m·β1)``, ``v ← fma((1−β2)·g, g, v·β2)``, bit for bit torch's
+    ``m.mul_(β1).add_(g, alpha=1−β1)`` and ``v.mul_(β2).addcmul_(g, g, value=1−β2)`` on CPUs with FMA (the array
+    is shared: do not write to it)."""
+    return np.array([beta1, 1 - beta1, beta2, 1 - beta2], dtype=np.float32)
 
 
 _DTYPES = (torch.float32, torch.bool, torch.uint8)
@@ -124,20 +137,23 @@ def count_band(
     ``band`` when ``collect``) and the non-finite ones. With a ``mask`` (bool of the scores' length, or packed
     bits) the pass also writes ``mask = s > upper`` and, when collecting, the band's positions into ``where``:
     the mask is then exact everywhere but at those positions. With a ``quotient`` (and ``b``) the scores are
-    ``u·b`` for the direction ``u`` the pass forms from ``a`` (see `Quotient`)."""
-    v, eps, u = quotient if quotient is not None else (None, 0.0, None)
+    ``u·b`` for the direction ``u`` the pass forms from ``a`` (see `Quotient`; its moments are updated once, also
+    when a band wider than the buffer makes the pass run again)."""
+    v, eps, u, moments = quotient if quotient is not None else (None, 0.0, None, None)
     n, count = _length(a), parts(_length(a))
     capacity = _first_capacity(n, count) if collect else 0
     while True:
         band = _workspace("band", capacity * count, np.float32) if collect else None
         where = _workspace("where", capacity * count, np.int64) if collect and mask is not None else None
         out = np.zeros((count, 4), dtype=np.int64)
-        library().mgup_count_band(_address(a), _address(b), _address(v), eps, _address(u), n, lower, upper,
+        library().mgup_count_band(_address(a), _address(b), _address(v), _address(moments), eps, _address(u), n,
+                                  lower, upper,
                                   _address(band), _address(where), capacity, None, _address(mask), packed,
                                   _address(out), count)
         if not collect or out[:, 3].max() <= capacity:
             break
         capacity = int(out[:, 3].max())  # rare: a band wider than the guess; collect it again, whole
+        moments = None  # the first pass updated the moments: the next one only forms the direction again
     totals = out.sum(axis=0)
     spans = [slice(t * capacity, t * capacity + int(out[t, 3])) for t in range(count)]
     band_values = np.concatenate([band[span] for span in spans]) if collect else a[:0]
@@ -177,10 +193,14 @@ def masked_update(param: Array, direction: Array, mask: Array, high: float, low:
                                  low, alpha, parts(_length(param)))
 
 
-def adam_direction(m: Array, v: Array, eps: float, u: Array) -> None:
+def adam_direction(m: Array, v: Array, eps: float, u: Array, grad: Array | None = None,
+                   moments: np.ndarray | None = None) -> None:
     """``u = m/(sqrt(v) + eps)`` (float32 arrays of one length; ``u`` may be ``m`` or ``v``), each operation
-    correctly rounded to float32 (bit for bit numpy's ``sqrt``, then torch's ``add_`` and ``div``)."""
-    library().mgup_adam_direction(_address(m), _address(v), _length(m), eps, _address(u), parts(_length(m)))
+    correctly rounded to float32 (bit for bit numpy's ``sqrt``, then torch's ``add_`` and ``div``). With
+    ``moments`` (`moment_coefficients`) and ``grad``, ``m`` and ``v`` are first updated in place from ``grad`` in
+    the same pass (``u`` is then a third array)."""
+    library().mgup_adam_direction(_address(m), _address(v), _address(grad), _address(moments), _length(m), eps,
+                                  _address(u), parts(_length(m)))
 
 
 SELECTED, MISSED, NONFINITE = 0, 1, 2  # outcomes of `select_sampled`
@@ -205,7 +225,7 @@ def select_sampled(a: Array, b: Array | None, quotient: Quotient | None, k: int,
     ...`` (``0 <= start < n``, ``stride >= 1``; with a ``quotient``, from directions formed there and not stored;
     `gathered_sample` returns it). Returns `SELECTED`, `NONFINITE`, or `MISSED` (the first bracket missed, or its
     band outgrew the buffers: the mask is unsettled, the quotient formed)."""
-    v, eps, u = quotient if quotient is not None else (None, 0.0, None)
+    v, eps, u, moments = quotient if quotient is not None else (None, 0.0, None, None)
     n = _length(a)
     count, size = parts(n), _sample_size(n, start, stride)
     capacity = _first_capacity(n, count)
@@ -215,7 +235,7 @@ def select_sampled(a: Array, b: Array | None, quotient: Quotient | None, k: int,
     keys, work = _key_buffers(room)
     counts = _buffer("counts", 4 * count, np.int64)
     outcome = library().mgup_select_sampled(
-        _address(a), _address(b), _address(v), eps, _address(u), n, k, _address(mask), packed, start, stride,
+        _address(a), _address(b), _address(v), _address(moments), eps, _address(u), n, k, _address(mask), packed, start, stride,
         pool.address, size, max(1, min(workers(), size // _SAMPLES_PER_PART)), margin_sd, band.address,
         where.address, capacity, keys.address, work.address, counts.address, count,
     )

@@ -16,9 +16,10 @@
 #include "kernels.h"
 
 /* out[t] = the score at start + t*stride for t < size: a (times b), or with v not NULL adam_quotient(a, v, eps)
- * times b; split into `parts` ranges of t. */
-static void sample_scores(const float *a, const float *b, const float *v, float eps, int64_t start, int64_t stride,
-                        int64_t size, float *out, int64_t parts)
+ * times b, where with coef not NULL a and v are first updated as adam_moments would (in registers: the arrays are
+ * left unchanged); split into `parts` ranges of t. */
+static void sample_scores(const float *a, const float *b, const float *v, const float *coef, float eps,
+                          int64_t start, int64_t stride, int64_t size, float *out, int64_t parts)
 {
     const int64_t ahead = 16; /* scores fetched ahead: every sampled score is on its own cache line */
 #pragma omp parallel for schedule(static) num_threads(parts) if (parts > 1)
@@ -34,7 +35,13 @@ static void sample_scores(const float *a, const float *b, const float *v, float 
                 if (v != NULL)
                     __builtin_prefetch(v + later);
             }
-            float x = v != NULL ? adam_quotient(a[i], v[i], eps) : a[i];
+            float x = a[i];
+            if (v != NULL) {
+                float second = v[i];
+                if (coef != NULL)
+                    adam_moments(&x, &second, b[i], coef);
+                x = adam_quotient(x, second, eps);
+            }
             out[t] = b != NULL ? x * b[i] : x;
         }
     }
@@ -88,27 +95,28 @@ static void settle_parts(const float *band, const int64_t *where, int64_t capaci
 enum { SELECTED = 0, MISSED = 1, NONFINITE = 2 };
 
 /* The exact top-k (1 <= k < n) of the scores (as in mgup_count_band: a, a*b, or with v the quotient
- * adam_quotient(a, v, eps), written to u, times b) into mask (bool bytes, or bits when packed), ties to the
+ * adam_quotient(a, v, eps), written to u, times b, where with coef the counting pass first updates a and v in
+ * place by adam_moments) into mask (bool bytes, or bits when packed), ties to the
  * lowest indices, from the sample pool[0, size): SELECTED, or NONFINITE (some score is NaN or infinite), or
  * MISSED (the first bracket did not hold the k-th score, or a range's band outgrew `capacity`; the mask is then
- * unsettled and the caller searches on, with u formed). The sample is gathered first into pool[0, size): the
+ * unsettled and the caller searches on, with u formed and the moments updated). The sample is gathered first into pool[0, size): the
  * scores at start + t*stride (start + (size - 1)*stride < n), split into sample_parts ranges; it stays there for
  * the caller's search. band and where hold parts*capacity entries (band also holds the bits of a block of ties
  * when it has room for n bits); keys and work max(size, parts*capacity) uint32 each; counts 4*parts int64
  * (mgup_count_band's out). */
-int64_t mgup_select_sampled(const float *a, const float *b, const float *v, float eps, float *u, int64_t n,
+int64_t mgup_select_sampled(const float *a, const float *b, float *v, const float *coef, float eps, float *u, int64_t n,
                             int64_t k, uint8_t *mask, int64_t packed, int64_t start, int64_t stride, float *pool,
                             int64_t size, int64_t sample_parts, double margin_sd, float *band, int64_t *where,
                             int64_t capacity, uint32_t *keys, uint32_t *work, int64_t *counts, int64_t parts)
 {
-    sample_scores(a, b, v, eps, start, stride, size, pool, sample_parts);
+    sample_scores(a, b, v, coef, eps, start, stride, size, pool, sample_parts);
     float bracket[2];
     mgup_first_bracket(pool, size, n, k, margin_sd, bracket, keys, work);
     float lower = bracket[0], upper = bracket[1];
     int collect = lower != float_below(upper);
     /* a block of ties is not collected: the band buffer holds its bits instead, when it has room for them */
     uint8_t *ties = !collect && parts * capacity * (int64_t)sizeof(float) >= (n + 7) / 8 ? (uint8_t *)band : NULL;
-    mgup_count_band(a, b, v, eps, u, n, lower, upper, collect ? band : NULL, collect ? where : NULL, capacity, ties,
+    mgup_count_band(a, b, v, coef, eps, u, n, lower, upper, collect ? band : NULL, collect ? where : NULL, capacity, ties,
                     mask, packed, counts, parts);
     int64_t above = 0, inside = 0, nonfinite = 0, lengths[parts];
     for (int64_t t = 0; t < parts; t++) {

@@ -6,6 +6,7 @@
  * into that many ranges on torch's OpenMP team.
  */
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include "kernels.h"
@@ -55,12 +56,37 @@ void mgup_masked_update(float *param, const float *direction, const uint8_t *mas
 }
 
 /* u[i] = m[i] / (sqrt(v[i]) + eps) over [0, n) (u may alias m or v). */
-void mgup_adam_direction(const float *m, const float *v, int64_t n, float eps, float *u, int64_t parts)
+static void direction(const float *m, const float *v, int64_t n, float eps, float *u)
+{
+    for (int64_t i = 0; i < n; i++)
+        u[i] = adam_quotient(m[i], v[i], eps);
+}
+
+/* The moments updated in place from the gradient g (adam_moments with coef), then u[i] = m[i] / (sqrt(v[i]) + eps)
+ * (u aliases none of m, v, g). */
+static void moments_direction(float *restrict m, float *restrict v, const float *restrict g,
+                              const float *restrict coef, int64_t n, float eps, float *restrict u)
+{
+    const float beta1 = coef[0], c1 = coef[1], beta2 = coef[2], c2 = coef[3];
+    for (int64_t i = 0; i < n; i++) {
+        float first = fmaf(g[i], c1, m[i] * beta1), second = fmaf(c2 * g[i], g[i], v[i] * beta2);
+        m[i] = first;
+        v[i] = second;
+        u[i] = adam_quotient(first, second, eps);
+    }
+}
+
+/* The Adam direction u of m and v over [0, n), split into `parts` ranges; with coef not NULL the moments are first
+ * updated in place from g (see moments_direction, which fuses both into one pass). */
+void mgup_adam_direction(float *m, float *v, const float *g, const float *coef, int64_t n, float eps, float *u,
+                         int64_t parts)
 {
 #pragma omp parallel for schedule(static) num_threads(parts) if (parts > 1)
     for (int64_t t = 0; t < parts; t++) {
         int64_t lo = part_start(n, t, parts), hi = part_start(n, t + 1, parts);
-        for (int64_t i = lo; i < hi; i++)
-            u[i] = adam_quotient(m[i], v[i], eps);
+        if (coef != NULL)
+            moments_direction(m + lo, v + lo, g + lo, coef, hi - lo, eps, u + lo);
+        else
+            direction(m + lo, v + lo, hi - lo, eps, u + lo);
     }
 }

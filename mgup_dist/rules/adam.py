@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 import torch
 
-from mgup_dist.rules.adam_direction import AdamQuotient
+from mgup_dist.rules.adam_direction import AdamQuotient, MomentUpdate
 from mgup_dist.rules.driver import Rule
 from mgup_dist.rules.masks import alignment, dynamic_alpha, masked_step, mgup_selection
 from mgup_dist.rules.slot import Slot
@@ -21,14 +21,6 @@ def decay(param: torch.Tensor, lr: float, weight_decay: float) -> None:
         param.mul_(1 - lr * weight_decay)
 
 
-def update_moments(
-    exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor, beta1: float, beta2: float
-) -> None:
-    """``m ← β1·m + (1−β1)·g ;  v ← β2·v + (1−β2)·g²`` in place."""
-    exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-
-
 def flavour_a_step_size(lr: float, beta1: float, beta2: float, step: int, correct_bias: bool) -> float:
     """``η·sqrt(1−β2^t)/(1−β1^t)`` if ``correct_bias`` else ``η``, as a float64 scalar."""
     if not correct_bias:
@@ -37,14 +29,14 @@ def flavour_a_step_size(lr: float, beta1: float, beta2: float, step: int, correc
 
 
 def _adam_moments(slot: Slot, hp: Mapping[str, Any], betas: tuple[float, float], eps: float) -> tuple[AdamQuotient, float]:
-    """Shared prologue: step count, decay, moments; the direction u (an `AdamQuotient`, formed on demand in the
-    slot's ``"direction"`` scratch) and the flavour-A step size."""
+    """Shared prologue: step count, decay; the moment update and the direction u (an `AdamQuotient` that does
+    both when formed, on demand, in the slot's ``"direction"`` scratch) and the flavour-A step size."""
     step = slot.next_step()
     beta1, beta2 = betas
     exp_avg, exp_avg_sq = slot.buffer("exp_avg"), slot.buffer("exp_avg_sq")
     decay(slot.param, hp["lr"], hp["weight_decay"])
-    update_moments(exp_avg, exp_avg_sq, slot.grad, beta1, beta2)
-    direction = AdamQuotient(exp_avg, exp_avg_sq, eps, slot.scratch("direction", exp_avg_sq.dtype))
+    moments = MomentUpdate(slot.grad, beta1, beta2)
+    direction = AdamQuotient(exp_avg, exp_avg_sq, eps, slot.scratch("direction", exp_avg_sq.dtype), moments)
     return direction, flavour_a_step_size(hp["lr"], beta1, beta2, step, hp.get("correct_bias", True))
 
 

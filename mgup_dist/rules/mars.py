@@ -4,7 +4,8 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-from mgup_dist.rules.adam import decay, update_moments
+from mgup_dist.rules.adam import decay
+from mgup_dist.rules.adam_direction import update_moments
 from mgup_dist.rules.driver import Rule
 from mgup_dist.rules.muon import wide_dtype
 from mgup_dist.rules.slot import Slot

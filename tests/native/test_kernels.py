@@ -254,6 +254,74 @@ def test_count_band_forms_the_quotient_while_counting() -> None:
     assert np.array_equal(fused.band, plain.band) and np.array_equal(fused.where, plain.where)
 
 
+def moment_inputs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Moments and a gradient with exact zeros, tiny and large values (a tail that is not a multiple of 32)."""
+    m, v = moments(n, seed)
+    g = np.random.default_rng(seed + 1).standard_normal(n).astype(np.float32)
+    g[::11], g[5::13], g[7::17] = 0.0, 1e-20, 3e4
+    return m, v, g
+
+
+def fma_reference(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """float32 fma(x, y, z), correctly rounded: the float32 product is exact in float64, the float64 sum s
+    carries its exact error e (TwoSum), and where s lies exactly halfway between two float32 values the sign of e
+    picks the side (so the double rounding a plain float64 sum would add cannot happen)."""
+    product = x.astype(np.float64) * y.astype(np.float64)
+    addend = z.astype(np.float64)
+    total = product + addend
+    back = total - product
+    error = (product - (total - back)) + (addend - back)
+    nearest = total.astype(np.float32)
+    other = np.nextafter(nearest, np.where(total > nearest, np.float32(np.inf), np.float32(-np.inf)))
+    halfway = (nearest.astype(np.float64) + other.astype(np.float64)) / 2 == total
+    toward = np.where(error > 0, np.maximum(nearest, other), np.minimum(nearest, other))
+    return np.where(halfway & (error != 0), toward, nearest)
+
+
+def updated_moments(m: np.ndarray, v: np.ndarray, g: np.ndarray, beta1: float, beta2: float) -> tuple[np.ndarray, np.ndarray]:
+    """An independent reference of the native moment update: fma(g, 1−β1, m·β1) and fma((1−β2)·g, g, v·β2)."""
+    f = np.float32
+    return (fma_reference(g, f(1 - beta1), m * f(beta1)), fma_reference(f(1 - beta2) * g, g, v * f(beta2)))
+
+
+@pytest.mark.parametrize("betas", [(0.9, 0.999), (0.0, 0.0), (0.95, 0.5)])
+def test_adam_direction_updates_the_moments_in_the_same_pass(betas: tuple[float, float]) -> None:
+    """With moment coefficients the pass updates m and v as torch's mul_/add_/addcmul_ do (on CPUs with FMA, which
+    this one has: the AVX2 build requires it) and forms the direction of the updated moments."""
+    m, v, g = moment_inputs(100_003, seed=12)
+    expected_m, expected_v = updated_moments(m, v, g, *betas)
+    torch_m, torch_v = torch.from_numpy(m.copy()), torch.from_numpy(v.copy())
+    torch_m.mul_(betas[0]).add_(torch.from_numpy(g), alpha=1 - betas[0])
+    torch_v.mul_(betas[1]).addcmul_(torch.from_numpy(g), torch.from_numpy(g), value=1 - betas[1])
+    u = np.full_like(m, np.nan)
+    kernels.adam_direction(m, v, 1e-8, u, g, kernels.moment_coefficients(*betas))
+    assert np.array_equal(m, expected_m) and np.array_equal(v, expected_v)
+    assert np.array_equal(m, torch_m.numpy()) and np.array_equal(v, torch_v.numpy())
+    assert np.array_equal(u, quotient_reference(expected_m, expected_v, 1e-8), equal_nan=True)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_count_band_updates_the_moments_while_counting(packed: bool) -> None:
+    """The MOMENTS counting pass: the moments it leaves, the direction, counts, band, positions and mask are
+    those of the moment update followed by the quotient pass. The band (10% of the scores) outgrows the first
+    buffer, so `count_band` runs the pass twice: the moments are still updated once."""
+    m, v, g = moment_inputs(100_003, seed=13)
+    expected_m, expected_v = updated_moments(m, v, g, 0.9, 0.999)
+    size = kernels.packed_size(len(m)) if packed else len(m)
+    mask, plain_mask = np.zeros(size, np.uint8 if packed else bool), np.zeros(size, np.uint8 if packed else bool)
+    u, plain_u = np.full_like(m, np.nan), np.full_like(m, np.nan)
+    s = quotient_reference(expected_m, expected_v, 1e-8) * g
+    lower, upper = (float(x) for x in np.quantile(s, [0.45, 0.55]).astype(np.float32))
+    fused = kernels.count_band(m, g, lower, upper, True, mask,
+                               kernels.Quotient(v, 1e-8, u, kernels.moment_coefficients(0.9, 0.999)), packed)
+    plain = kernels.count_band(expected_m, g, lower, upper, True, plain_mask,
+                               kernels.Quotient(expected_v.copy(), 1e-8, plain_u), packed)
+    assert np.array_equal(m, expected_m) and np.array_equal(v, expected_v)
+    assert np.array_equal(u, plain_u) and np.array_equal(mask, plain_mask)
+    assert fused[:3] == plain[:3] and fused.inside > 0
+    assert np.array_equal(fused.band, plain.band) and np.array_equal(fused.where, plain.where)
+
+
 @pytest.mark.parametrize("start, stride", [(0, 1), (3, 7), (100_002, 5), (50, 100_000)])
 def test_sampled_selection_samples_the_scores_at_the_strided_positions(start: int, stride: int) -> None:
     """The sample `select_sampled` gathers (`gathered_sample`): the scores at ``start, start + stride, ...``, also
@@ -271,12 +339,20 @@ def test_sampled_selection_samples_the_scores_at_the_strided_positions(start: in
         mask = np.zeros(len(m), dtype=bool)
         kernels.select_sampled(m, factor, quotient, len(m) // 3, mask, start, stride, 2.5)
         assert np.array_equal(kernels.gathered_sample(len(m), start, stride), expected, equal_nan=True)
+    # with moment coefficients: the directions of the moments updated there (the pass then updates them all)
+    updated_m, updated_v = updated_moments(m, v, g, 0.9, 0.999)
+    mask = np.zeros(len(m), dtype=bool)
+    quotient = kernels.Quotient(v, 1e-8, u, kernels.moment_coefficients(0.9, 0.999))
+    kernels.select_sampled(m, g, quotient, len(m) // 3, mask, start, stride, 2.5)
+    expected = (quotient_reference(updated_m, updated_v, 1e-8) * g)[at]
+    assert np.array_equal(kernels.gathered_sample(len(m), start, stride), expected, equal_nan=True)
+    assert np.array_equal(m, updated_m) and np.array_equal(v, updated_v)
 
 
 def test_counting_pass_without_avx2_is_the_same(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The counting pass's portable loop (built without instruction-set flags) gives what its AVX2 loop gives:
-    counts, band, positions, mask (bool and packed) and the formed direction, on scores with ties, zeros and a
-    non-finite one; so do the packed masked update and a selection whose k-th score is in a block of ties (the
+    counts, band, positions, mask (bool and packed) and the formed direction (with the moments updated in the same
+    pass or not), on scores with ties, zeros and a non-finite one; so do the fused moment update and direction, the packed masked update and a selection whose k-th score is in a block of ties (the
     pass records the ties' bits)."""
     m, v = moments(100_003, seed=10)
     g = np.random.default_rng(11).standard_normal(len(m)).astype(np.float32)
@@ -293,6 +369,13 @@ def test_counting_pass_without_avx2_is_the_same(tmp_path, monkeypatch: pytest.Mo
         param = g.copy()
         kernels.masked_update(param, m, bits, 1.5, 0.25, -1e-3, packed=True)
         results += [np.array(counts[:3]), counts.band, counts.where, unpack(bits, len(m)), param]
+        coefficients = kernels.moment_coefficients(0.9, 0.999)
+        first, second, u = m.copy(), v.copy(), np.full_like(m, np.nan)
+        counts = kernels.count_band(first, g, -0.3, 0.4, True, bits, kernels.Quotient(second, 1e-8, u, coefficients), True)
+        results += [np.array(counts[:3]), counts.band, counts.where, unpack(bits, len(m)), first, second, u]
+        first, second = m.copy(), v.copy()
+        kernels.adam_direction(first, second, 1e-8, u, g, coefficients)
+        results += [first, second, u]
         broken = m.copy()
         broken[77_777] = np.inf
         results.append(np.array(kernels.count_band(broken, g, -1.0, 1.0, False)[:3]))

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from mgup_dist.native import kernels, threads
 from mgup_dist.ops import select, threshold
 from mgup_dist.ops.select import topk_mask, topk_mask_of_product
-from mgup_dist.rules.adam_direction import AdamQuotient, adam_direction
+from mgup_dist.rules.adam_direction import AdamQuotient, MomentUpdate, adam_direction, update_moments
 from mgup_dist.rules.requests import NonFiniteScoresError, PackedMask
 from tests.ops.test_select import DISTRIBUTIONS, k_values, make_scores, oracle_mask
 
@@ -233,6 +233,28 @@ def test_quotient_formed_by_the_first_pass(kind: str, n: int, monkeypatch: pytes
         mask = topk_mask_of_product(quotient, grad, k)
         assert quotient.formed and torch.equal(quotient.out, direction)
         assert torch.equal(mask, oracle_mask(direction * grad, k))
+
+
+@pytest.mark.parametrize("kind", ["products", "zeros", "block"])
+@pytest.mark.parametrize("n", [100, 50_000, 300_007])
+def test_quotient_with_pending_moments(kind: str, n: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An `AdamQuotient` whose moments are still to be updated: whichever path forms it (the first counting pass,
+    or `form` for small tensors), the moments are torch's update applied once, the direction theirs, and the
+    mask the exact top-k of the updated scores."""
+    monkeypatch.setattr(threads, "workers", lambda: 3)
+    monkeypatch.setattr(threads, "RANGE", 20_000)
+    unformed, grad, _ = quotient_factors(kind, n, seed=n)
+    first, second = unformed.exp_avg.clone(), unformed.exp_avg_sq.clone()
+    update_moments(first, second, grad, 0.9, 0.999)
+    direction = adam_direction(first, second, 1e-8)
+    k = n // 3
+    moments = MomentUpdate(grad, 0.9, 0.999)
+    quotient = AdamQuotient(unformed.exp_avg, unformed.exp_avg_sq, 1e-8, unformed.out, moments)
+    assert quotient.fusable(grad)
+    mask = topk_mask_of_product(quotient, grad, k)
+    assert quotient.formed and torch.equal(quotient.out, direction)
+    assert torch.equal(quotient.exp_avg, first) and torch.equal(quotient.exp_avg_sq, second)
+    assert torch.equal(mask, oracle_mask(direction * grad, k))
 
 
 def test_quotient_that_cannot_fuse_is_formed_first() -> None:

@@ -1,13 +1,14 @@
 """`mgup_dist.rules.adam_direction`: the Adam direction is the same bits on the native and the portable path (a
 correctly rounded square root on both), matches a float64 reference to float32 rounding, and an `AdamQuotient`
-forms once, whichever path forms it."""
+forms once, whichever path forms it; a pending moment update is applied once, before the direction, with the same
+bits on both paths."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from mgup_dist.rules.adam_direction import AdamQuotient, adam_direction
+from mgup_dist.rules.adam_direction import AdamQuotient, MomentUpdate, adam_direction, update_moments
 
 
 def moments(n: int, seed: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,3 +71,40 @@ def test_fusable(native: str, grad: torch.Tensor, fusable: bool, monkeypatch: py
     monkeypatch.setenv("MGUP_DIST_NATIVE", native)
     m, v = moments(100, seed=5)
     assert AdamQuotient(m, v, 1e-8, torch.empty(100)).fusable(grad) is fusable
+
+
+def moments_and_grad(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    m, v = moments(n, seed)
+    grad = torch.randn(n, generator=torch.Generator().manual_seed(seed + 1))
+    grad[::5] = 0.0
+    return m, v, grad
+
+
+@pytest.mark.parametrize("n", [1, 1000, 300_001])
+def test_pending_moments_native_and_portable_agree_bitwise(n: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The native pass that updates the moments and forms the direction gives torch's moment update (this CPU has
+    FMA) followed by the direction, and forms once."""
+    results = []
+    for native in ("1", "0"):
+        monkeypatch.setenv("MGUP_DIST_NATIVE", native)
+        m, v, grad = moments_and_grad(n, seed=n)
+        quotient = AdamQuotient(m, v, 1e-8, torch.empty(n), MomentUpdate(grad, 0.9, 0.999))
+        quotient.form()
+        quotient.form()  # formed once: the moments are not updated again
+        results.append((m, v, quotient.out))
+    m, v, grad = moments_and_grad(n, seed=n)
+    update_moments(m, v, grad, 0.9, 0.999)
+    for got in results:
+        for tensor, expected in zip(got, (m, v, adam_direction(m, v, 1e-8))):
+            assert torch.equal(tensor, expected)
+
+
+def test_fusable_with_moments_needs_their_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The counting pass can update the moments only from the gradient it scores against: the same memory (another
+    view of it counts), not a copy with equal values."""
+    monkeypatch.setenv("MGUP_DIST_NATIVE", "1")
+    m, v, grad = moments_and_grad(100, seed=6)
+    quotient = AdamQuotient(m, v, 1e-8, torch.empty(100), MomentUpdate(grad, 0.9, 0.999))
+    assert quotient.fusable(grad) and quotient.fusable(grad.view(-1)[:])
+    assert not quotient.fusable(grad.clone())
+    assert not quotient.fusable(torch.cat([grad, grad])[:100].clone())
