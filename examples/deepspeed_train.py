@@ -82,8 +82,10 @@ def main() -> None:
         if engine.global_rank == 0:
             print(f"step {step} loss {loss.item():.4f}", flush=True)
     print(f"rank {engine.global_rank} checksum {_checksum(engine):.12e}", flush=True)
-    # Leave together: a rank whose process exits while a peer still exchanges with it can abort in gloo's
-    # teardown ("terminate called without an active exception").
+    # Release the engine (ZeRO-3's parameter prefetch and hooks) and leave together: a rank whose process exits
+    # while gloo still holds work, or while a peer still exchanges with it, can abort in gloo's teardown
+    # ("terminate called without an active exception").
+    engine.destroy()
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
