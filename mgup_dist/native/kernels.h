@@ -69,8 +69,8 @@ static inline int mask_get(const uint8_t *mask, int64_t packed, int64_t i)
 
 /* Kernels of count_pass.c and select_kernels.c that sampled_select.c drives (documented there). */
 void mgup_count_band(const float *a, const float *b, float *v, const float *coef, float eps, float *u, int64_t n,
-                     float lower, float upper, float *band, int64_t *where, int64_t capacity, uint8_t *ties, uint8_t *mask,
-                     int64_t packed, int64_t *out, int64_t parts);
+                     float lower, float upper, float *band, int64_t *where, int64_t capacity, uint8_t *ties,
+                     uint8_t *mask, int64_t packed, int64_t *out, int64_t parts);
 int64_t mgup_mark_ties(const float *a, const float *b, int64_t n, float value, int64_t r, uint8_t *mask,
                        int64_t packed);
 int64_t mgup_mark_tie_bits(const uint8_t *ties, int64_t n, int64_t r, uint8_t *mask, int64_t packed);

@@ -147,9 +147,8 @@ def count_band(
         where = _workspace("where", capacity * count, np.int64) if collect and mask is not None else None
         out = np.zeros((count, 4), dtype=np.int64)
         library().mgup_count_band(_address(a), _address(b), _address(v), _address(moments), eps, _address(u), n,
-                                  lower, upper,
-                                  _address(band), _address(where), capacity, None, _address(mask), packed,
-                                  _address(out), count)
+                                  lower, upper, _address(band), _address(where), capacity, None, _address(mask),
+                                  packed, _address(out), count)
         if not collect or out[:, 3].max() <= capacity:
             break
         capacity = int(out[:, 3].max())  # rare: a band wider than the guess; collect it again, whole
@@ -224,7 +223,7 @@ def select_sampled(a: Array, b: Array | None, quotient: Quotient | None, k: int,
     native call (``mgup_select_sampled``), which first gathers the sample of the scores at ``start, start + stride,
     ...`` (``0 <= start < n``, ``stride >= 1``; with a ``quotient``, from directions formed there and not stored;
     `gathered_sample` returns it). Returns `SELECTED`, `NONFINITE`, or `MISSED` (the first bracket missed, or its
-    band outgrew the buffers: the mask is unsettled, the quotient formed)."""
+    band outgrew the buffers: the mask is unsettled, the quotient formed and its moments updated)."""
     v, eps, u, moments = quotient if quotient is not None else (None, 0.0, None, None)
     n = _length(a)
     count, size = parts(n), _sample_size(n, start, stride)
@@ -235,8 +234,8 @@ def select_sampled(a: Array, b: Array | None, quotient: Quotient | None, k: int,
     keys, work = _key_buffers(room)
     counts = _buffer("counts", 4 * count, np.int64)
     outcome = library().mgup_select_sampled(
-        _address(a), _address(b), _address(v), _address(moments), eps, _address(u), n, k, _address(mask), packed, start, stride,
-        pool.address, size, max(1, min(workers(), size // _SAMPLES_PER_PART)), margin_sd, band.address,
+        _address(a), _address(b), _address(v), _address(moments), eps, _address(u), n, k, _address(mask), packed,
+        start, stride, pool.address, size, max(1, min(workers(), size // _SAMPLES_PER_PART)), margin_sd, band.address,
         where.address, capacity, keys.address, work.address, counts.address, count,
     )
     return int(outcome)

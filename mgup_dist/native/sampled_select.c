@@ -95,15 +95,14 @@ static void settle_parts(const float *band, const int64_t *where, int64_t capaci
 enum { SELECTED = 0, MISSED = 1, NONFINITE = 2 };
 
 /* The exact top-k (1 <= k < n) of the scores (as in mgup_count_band: a, a*b, or with v the quotient
- * adam_quotient(a, v, eps), written to u, times b, where with coef the counting pass first updates a and v in
- * place by adam_moments) into mask (bool bytes, or bits when packed), ties to the
- * lowest indices, from the sample pool[0, size): SELECTED, or NONFINITE (some score is NaN or infinite), or
- * MISSED (the first bracket did not hold the k-th score, or a range's band outgrew `capacity`; the mask is then
- * unsettled and the caller searches on, with u formed and the moments updated). The sample is gathered first into pool[0, size): the
- * scores at start + t*stride (start + (size - 1)*stride < n), split into sample_parts ranges; it stays there for
- * the caller's search. band and where hold parts*capacity entries (band also holds the bits of a block of ties
- * when it has room for n bits); keys and work max(size, parts*capacity) uint32 each; counts 4*parts int64
- * (mgup_count_band's out). */
+ * adam_quotient(a, v, eps), written to u, times b, where with coef the counting pass first updates a and v in place
+ * by adam_moments) into mask (bool bytes, or bits when packed), ties to the lowest indices, from the sample pool[0,
+ * size): SELECTED, or NONFINITE (some score is NaN or infinite), or MISSED (the first bracket did not hold the k-th
+ * score, or a range's band outgrew `capacity`; the mask is then unsettled and the caller searches on, with u formed
+ * and the moments updated). The sample is gathered first into pool[0, size): the scores at start + t*stride (start
+ * + (size - 1)*stride < n), split into sample_parts ranges; it stays there for the caller's search. band and where
+ * hold parts*capacity entries (band also holds the bits of a block of ties when it has room for n bits); keys and
+ * work max(size, parts*capacity) uint32 each; counts 4*parts int64 (mgup_count_band's out). */
 int64_t mgup_select_sampled(const float *a, const float *b, float *v, const float *coef, float eps, float *u, int64_t n,
                             int64_t k, uint8_t *mask, int64_t packed, int64_t start, int64_t stride, float *pool,
                             int64_t size, int64_t sample_parts, double margin_sd, float *band, int64_t *where,
@@ -116,8 +115,8 @@ int64_t mgup_select_sampled(const float *a, const float *b, float *v, const floa
     int collect = lower != float_below(upper);
     /* a block of ties is not collected: the band buffer holds its bits instead, when it has room for them */
     uint8_t *ties = !collect && parts * capacity * (int64_t)sizeof(float) >= (n + 7) / 8 ? (uint8_t *)band : NULL;
-    mgup_count_band(a, b, v, coef, eps, u, n, lower, upper, collect ? band : NULL, collect ? where : NULL, capacity, ties,
-                    mask, packed, counts, parts);
+    mgup_count_band(a, b, v, coef, eps, u, n, lower, upper, collect ? band : NULL, collect ? where : NULL, capacity,
+                    ties, mask, packed, counts, parts);
     int64_t above = 0, inside = 0, nonfinite = 0, lengths[parts];
     for (int64_t t = 0; t < parts; t++) {
         above += counts[4 * t];

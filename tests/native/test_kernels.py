@@ -278,8 +278,10 @@ def fma_reference(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
     return np.where(halfway & (error != 0), toward, nearest)
 
 
-def updated_moments(m: np.ndarray, v: np.ndarray, g: np.ndarray, beta1: float, beta2: float) -> tuple[np.ndarray, np.ndarray]:
-    """An independent reference of the native moment update: fma(g, 1−β1, m·β1) and fma((1−β2)·g, g, v·β2)."""
+def updated_moments(
+    m: np.ndarray, v: np.ndarray, g: np.ndarray, beta1: float, beta2: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """An independent reference of the native moment update: fma(g, 1−β1, m·β1), fma((1−β2)·g, g, v·β2)."""
     f = np.float32
     return (fma_reference(g, f(1 - beta1), m * f(beta1)), fma_reference(f(1 - beta2) * g, g, v * f(beta2)))
 
@@ -352,8 +354,9 @@ def test_sampled_selection_samples_the_scores_at_the_strided_positions(start: in
 def test_counting_pass_without_avx2_is_the_same(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The counting pass's portable loop (built without instruction-set flags) gives what its AVX2 loop gives:
     counts, band, positions, mask (bool and packed) and the formed direction (with the moments updated in the same
-    pass or not), on scores with ties, zeros and a non-finite one; so do the fused moment update and direction, the packed masked update and a selection whose k-th score is in a block of ties (the
-    pass records the ties' bits)."""
+    pass or not), on scores with ties, zeros and a non-finite one; so do the fused moment update and direction,
+    the packed masked update and a selection whose k-th score is in a block of ties (the pass records the ties'
+    bits)."""
     m, v = moments(100_003, seed=10)
     g = np.random.default_rng(11).standard_normal(len(m)).astype(np.float32)
     g[::9] = 0.0
@@ -371,7 +374,8 @@ def test_counting_pass_without_avx2_is_the_same(tmp_path, monkeypatch: pytest.Mo
         results += [np.array(counts[:3]), counts.band, counts.where, unpack(bits, len(m)), param]
         coefficients = kernels.moment_coefficients(0.9, 0.999)
         first, second, u = m.copy(), v.copy(), np.full_like(m, np.nan)
-        counts = kernels.count_band(first, g, -0.3, 0.4, True, bits, kernels.Quotient(second, 1e-8, u, coefficients), True)
+        quotient = kernels.Quotient(second, 1e-8, u, coefficients)
+        counts = kernels.count_band(first, g, -0.3, 0.4, True, bits, quotient, True)
         results += [np.array(counts[:3]), counts.band, counts.where, unpack(bits, len(m)), first, second, u]
         first, second = m.copy(), v.copy()
         kernels.adam_direction(first, second, 1e-8, u, g, coefficients)
