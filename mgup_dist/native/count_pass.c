@@ -56,21 +56,19 @@ static inline void keep(struct band_sink *sink, float s, int64_t i)
     sink->written++;
 }
 
-/* The score at i (forming and storing the quotient in QUOTIENT mode). */
+/* The score at i (forming and storing the quotient in QUOTIENT mode, after updating and storing the moments in
+ * MOMENTS mode). */
 static inline __attribute__((always_inline)) float score_at(const float *a, const float *b, struct quotient q,
                                                             enum score_mode mode, int64_t i)
 {
-    if (mode == MOMENTS) {
+    if (mode == QUOTIENT || mode == MOMENTS) {
         float m = a[i], v = q.v[i];
-        adam_moments(&m, &v, b[i], q.coef);
-        q.m[i] = m;
-        q.v[i] = v;
+        if (mode == MOMENTS) {
+            adam_moments(&m, &v, b[i], q.coef);
+            q.m[i] = m;
+            q.v[i] = v;
+        }
         float u = adam_quotient(m, v, q.eps);
-        q.u[i] = u;
-        return u * b[i];
-    }
-    if (mode == QUOTIENT) {
-        float u = adam_quotient(a[i], q.v[i], q.eps);
         q.u[i] = u;
         return u * b[i];
     }
@@ -292,9 +290,8 @@ static void count_band(const float *a, const float *b, struct quotient q, int64_
  * gradient, and u receives the direction adam_quotient(m, v, eps); with coef not NULL (MOMENTS mode) m = a and v
  * are first updated in place from b (adam_moments with coef). */
 void mgup_count_band(const float *a, const float *b, float *v, const float *coef, float eps, float *u, int64_t n,
-                     float lower,
-                     float upper, float *band, int64_t *where, int64_t capacity, uint8_t *ties, uint8_t *mask,
-                     int64_t packed, int64_t *out, int64_t parts)
+                     float lower, float upper, float *band, int64_t *where, int64_t capacity, uint8_t *ties,
+                     uint8_t *mask, int64_t packed, int64_t *out, int64_t parts)
 {
 #pragma omp parallel for schedule(static) num_threads(parts) if (parts > 1)
     for (int64_t t = 0; t < parts; t++) {

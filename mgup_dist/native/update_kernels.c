@@ -67,9 +67,9 @@ static void direction(const float *m, const float *v, int64_t n, float eps, floa
 static void moments_direction(float *restrict m, float *restrict v, const float *restrict g,
                               const float *restrict coef, int64_t n, float eps, float *restrict u)
 {
-    const float beta1 = coef[0], c1 = coef[1], beta2 = coef[2], c2 = coef[3];
     for (int64_t i = 0; i < n; i++) {
-        float first = fmaf(g[i], c1, m[i] * beta1), second = fmaf(c2 * g[i], g[i], v[i] * beta2);
+        float first = m[i], second = v[i];
+        adam_moments(&first, &second, g[i], coef);
         m[i] = first;
         v[i] = second;
         u[i] = adam_quotient(first, second, eps);

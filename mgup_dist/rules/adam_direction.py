@@ -67,10 +67,7 @@ def adam_direction(
     out = torch.empty_like(exp_avg_sq) if out is None else out
     grad = None if moments is None else moments.grad
     if kernels.usable(exp_avg, exp_avg_sq, out, grad, dtypes=_FLOAT32):
-        if moments is None:
-            kernels.adam_direction(exp_avg, exp_avg_sq, eps, out)
-        else:
-            kernels.adam_direction(exp_avg, exp_avg_sq, eps, out, grad, moments.coefficients())
+        kernels.adam_direction(exp_avg, exp_avg_sq, eps, out, grad, None if moments is None else moments.coefficients())
         return out
     if moments is not None:
         update_moments(exp_avg, exp_avg_sq, grad, moments.beta1, moments.beta2)
