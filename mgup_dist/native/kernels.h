@@ -79,6 +79,7 @@ int64_t mgup_mark_above(const float *band, const int64_t *where, int64_t count, 
 int64_t mgup_mark_band_ties(const float *band, const int64_t *where, int64_t count, float value, int64_t r,
                             uint8_t *mask, int64_t packed);
 void mgup_segment_order_statistics(const float *values, int64_t stride, const int64_t *lengths, int64_t parts,
-                                   const int64_t *ranks, int64_t count, float *out, uint32_t *keys, uint32_t *work);
+                                   const int64_t *ranks, int64_t count, float *out, uint32_t *keys, uint32_t *work,
+                                   int64_t threads);
 
 #endif

@@ -108,8 +108,9 @@ def _first_capacity(n: int, count: int) -> int:
 
 
 def _key_buffers(size: int) -> tuple[_Buffer, _Buffer]:
-    """The two uint32 buffers (keys, work) of at least ``size`` entries that the radix order statistics need."""
-    return _buffer("keys", size, np.uint32), _buffer("order", size, np.uint32)
+    """The uint32 buffers the radix order statistics of ``size`` values need: keys (``size`` entries) and work
+    (``2·size``)."""
+    return _buffer("keys", size, np.uint32), _buffer("order", 2 * size, np.uint32)
 
 
 def _length(array: Array) -> int:
@@ -213,7 +214,7 @@ def first_bracket(pool: np.ndarray, n: int, k: int, margin_sd: float) -> tuple[f
     bracket = np.empty(2, dtype=np.float32)
     keys, work = _key_buffers(len(pool))
     library().mgup_first_bracket(_address(pool), len(pool), n, k, margin_sd, _address(bracket), keys.address,
-                                 work.address)
+                                 work.address, workers())
     return float(bracket[0]), float(bracket[1])
 
 
@@ -226,7 +227,7 @@ def select_sampled(a: Array, b: Array | None, quotient: Quotient | None, k: int,
     band outgrew the buffers: the mask is unsettled, the quotient formed and its moments updated)."""
     v, eps, u, moments = quotient if quotient is not None else (None, 0.0, None, None)
     n = _length(a)
-    count, size = parts(n), _sample_size(n, start, stride)
+    count, size = parts(n), sample_size(n, start, stride)
     capacity = _first_capacity(n, count)
     room = max(size, capacity * count)
     pool = _buffer("pool", size, np.float32)
@@ -241,7 +242,7 @@ def select_sampled(a: Array, b: Array | None, quotient: Quotient | None, k: int,
     return int(outcome)
 
 
-def _sample_size(n: int, start: int, stride: int) -> int:
+def sample_size(n: int, start: int, stride: int) -> int:
     """How many of ``start, start + stride, ...`` lie below ``n``."""
     return -(-(n - start) // stride)
 
@@ -249,7 +250,7 @@ def _sample_size(n: int, start: int, stride: int) -> int:
 def gathered_sample(n: int, start: int, stride: int) -> np.ndarray:
     """The sample this thread's last `select_sampled` call (over ``n`` scores from ``start`` by ``stride``)
     gathered: float32, in a workspace, valid until the next `select_sampled`."""
-    return _workspace("pool", _sample_size(n, start, stride), np.float32)
+    return _workspace("pool", sample_size(n, start, stride), np.float32)
 
 
 def settle_band(counts: Counts, value: float, r: int, mask: np.ndarray, packed: bool = False) -> None:
@@ -268,12 +269,13 @@ def topk_small(a: Array, b: Array | None, k: int, mask: Array) -> int:
     return int(library().mgup_topk_small(_address(a), _address(b), _length(a), k, _address(mask), _address(work)))
 
 
-def order_statistics(values: np.ndarray, ranks: list[int]) -> list[float]:
+def order_statistics(values: np.ndarray, ranks: list[int], threads: int | None = None) -> list[float]:
     """The ``ranks``-th smallest (0-based, each in ``[0, len(values))``) of finite float32 ``values`` (left
-    unchanged), by radix select, all ranks in one call."""
+    unchanged), by radix select, all ranks in one call, on up to ``threads`` threads (default `workers`; the
+    result does not depend on it)."""
     values = np.ascontiguousarray(values)
     wanted, out = np.asarray(ranks, dtype=np.int64), np.empty(len(ranks), dtype=np.float32)
     keys, work = _key_buffers(len(values))
     library().mgup_order_statistics(_address(values), len(values), _address(wanted), len(wanted),
-                                    _address(out), keys.address, work.address)
+                                    _address(out), keys.address, work.address, threads or workers())
     return [float(x) for x in out]

@@ -58,9 +58,9 @@ static inline float float_below(float x)
  * scores, from the sample pool[0, size) (size >= 1; the pool is left unchanged): the sample values a margin of
  * margin_sd standard deviations of the sample quantile (plus one) below and above the k-th's expected rank,
  * the upper one lowered to the float below it; -inf or inf where a rank falls outside the pool; swapped when
- * both fall in one block of ties. keys and work hold size uint32 each. */
+ * both fall in one block of ties. keys holds size uint32, work 2*size; up to `threads` threads order the pool. */
 void mgup_first_bracket(const float *pool, int64_t size, int64_t n, int64_t k, double margin_sd, float *bracket,
-                        uint32_t *keys, uint32_t *work)
+                        uint32_t *keys, uint32_t *work, int64_t threads)
 {
     double fraction = (double)k / (double)n;
     double centre = (double)size * (1 - fraction);
@@ -71,7 +71,7 @@ void mgup_first_bracket(const float *pool, int64_t size, int64_t n, int64_t k, d
     for (int j = 0; j < 2; j++)
         if (ranks[j] >= 0 && ranks[j] < size)
             wanted[count++] = ranks[j];
-    mgup_segment_order_statistics(pool, size, &size, 1, wanted, count, stats, keys, work);
+    mgup_segment_order_statistics(pool, size, &size, 1, wanted, count, stats, keys, work, threads);
     int used = 0;
     float lower = ranks[0] >= 0 && ranks[0] < size ? stats[used++] : -INFINITY;
     float upper = ranks[1] >= 0 && ranks[1] < size ? float_below(stats[used]) : INFINITY;
@@ -81,12 +81,17 @@ void mgup_first_bracket(const float *pool, int64_t size, int64_t n, int64_t k, d
 
 /* Settles the band of a counting pass over `parts` ranges (range t's band scores at band + t*capacity, their
  * positions at where + t*capacity, lengths[t] of each) once its k-th score value is known, with r of the k still
- * to choose among the band: those above value, then the first ties in flat order. */
+ * to choose among the band: those above value (the ranges on concurrent threads: their masks share no byte), then
+ * the first ties in flat order. */
 static void settle_parts(const float *band, const int64_t *where, int64_t capacity, const int64_t *lengths,
                          int64_t parts, float value, int64_t r, uint8_t *mask, int64_t packed)
 {
+    int64_t above[parts];
+#pragma omp parallel for schedule(static) num_threads(parts) if (parts > 1)
     for (int64_t t = 0; t < parts; t++)
-        r -= mgup_mark_above(band + t * capacity, where + t * capacity, lengths[t], value, mask, packed);
+        above[t] = mgup_mark_above(band + t * capacity, where + t * capacity, lengths[t], value, mask, packed);
+    for (int64_t t = 0; t < parts; t++)
+        r -= above[t];
     for (int64_t t = 0; t < parts && r > 0; t++)
         r -= mgup_mark_band_ties(band + t * capacity, where + t * capacity, lengths[t], value, r, mask, packed);
 }
@@ -101,8 +106,8 @@ enum { SELECTED = 0, MISSED = 1, NONFINITE = 2 };
  * score, or a range's band outgrew `capacity`; the mask is then unsettled and the caller searches on, with u formed
  * and the moments updated). The sample is gathered first into pool[0, size): the scores at start + t*stride (start
  * + (size - 1)*stride < n), split into sample_parts ranges; it stays there for the caller's search. band and where
- * hold parts*capacity entries (band also holds the bits of a block of ties when it has room for n bits); keys and
- * work max(size, parts*capacity) uint32 each; counts 4*parts int64 (mgup_count_band's out). */
+ * hold parts*capacity entries (band also holds the bits of a block of ties when it has room for n bits); keys
+ * max(size, parts*capacity) uint32 and work twice that; counts 4*parts int64 (mgup_count_band's out). */
 int64_t mgup_select_sampled(const float *a, const float *b, float *v, const float *coef, float eps, float *u, int64_t n,
                             int64_t k, uint8_t *mask, int64_t packed, int64_t start, int64_t stride, float *pool,
                             int64_t size, int64_t sample_parts, double margin_sd, float *band, int64_t *where,
@@ -110,7 +115,7 @@ int64_t mgup_select_sampled(const float *a, const float *b, float *v, const floa
 {
     sample_scores(a, b, v, coef, eps, start, stride, size, pool, sample_parts);
     float bracket[2];
-    mgup_first_bracket(pool, size, n, k, margin_sd, bracket, keys, work);
+    mgup_first_bracket(pool, size, n, k, margin_sd, bracket, keys, work, sample_parts);
     float lower = bracket[0], upper = bracket[1];
     int collect = lower != float_below(upper);
     /* a block of ties is not collected: the band buffer holds its bits instead, when it has room for them */
@@ -137,7 +142,7 @@ int64_t mgup_select_sampled(const float *a, const float *b, float *v, const floa
     }
     int64_t rank = inside - (k - above);
     float value;
-    mgup_segment_order_statistics(band, capacity, lengths, parts, &rank, 1, &value, keys, work);
+    mgup_segment_order_statistics(band, capacity, lengths, parts, &rank, 1, &value, keys, work, parts);
     settle_parts(band, where, capacity, lengths, parts, value, k - above, mask, packed);
     return SELECTED;
 }

@@ -12,6 +12,7 @@
  */
 #include <float.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -247,49 +248,131 @@ static float order_statistic(float *values, int64_t n, int64_t rank)
     return key_value(radix_select(keys, n, rank, top, above_bit(first, top)));
 }
 
-/* out[j] = the ranks[j]-th smallest (0-based, each in [0, total)) of the finite values in `parts` segments taken
- * as one sequence (segment t: values + t*stride, lengths[t] of them; total = their sum >= 1), left unchanged:
- * the keys and the counts of their first digit are formed once for all ranks. keys and work hold total uint32
- * each. */
-void mgup_segment_order_statistics(const float *values, int64_t stride, const int64_t *lengths, int64_t parts,
-                                   const int64_t *ranks, int64_t count, float *out, uint32_t *keys, uint32_t *work)
+/* Keys per thread below which the order statistics do not wake another thread, and the most threads they use. */
+#define ORDER_SPLIT 8192
+#define MAX_SPLIT 4
+
+/* The threads for the order statistics of `total` keys: one per ORDER_SPLIT keys, at most `threads` and
+ * MAX_SPLIT, at least one. */
+static int64_t order_split(int64_t total, int64_t threads)
 {
-    int64_t total = 0, start = 0;
-    while (lengths[start] == 0)
-        start++;
-    uint32_t first = order_key(values[start * stride]), differ = 0;
-    for (int64_t t = 0; t < parts; t++) {
-        differ |= form_keys(values + t * stride, lengths[t], first, keys + total);
-        total += lengths[t];
-    }
-    int top = highest_bit(differ);
-    uint32_t prefix = above_bit(first, top), digits;
-    if (top < 0) {
-        for (int64_t j = 0; j < count; j++)
-            out[j] = key_value(prefix);
-        return;
-    }
-    int shift = digit_at(top, &digits);
-    int64_t bins[2048] = {0};
-    for (int64_t i = 0; i < total; i++)
-        bins[(keys[i] >> shift) & digits]++;
-    for (int64_t j = 0; j < count; j++) {
-        int64_t rank = ranks[j], kept = 0;
-        uint32_t chosen = choose_bin(bins, &rank);
-        for (int64_t i = 0; i < total; i++) {
-            uint32_t key = keys[i];
-            work[kept] = key;
-            kept += ((key >> shift) & digits) == chosen;
-        }
-        out[j] = key_value(radix_select(work, kept, rank, shift - 1, prefix | chosen << shift));
-    }
+    int64_t split = total / ORDER_SPLIT;
+    split = split < threads ? split : threads;
+    split = split < MAX_SPLIT ? split : MAX_SPLIT;
+    return split > 1 ? split : 1;
 }
 
-/* mgup_segment_order_statistics of the contiguous values[0, n) (n >= 1). */
-void mgup_order_statistics(const float *values, int64_t n, const int64_t *ranks, int64_t count, float *out,
-                           uint32_t *keys, uint32_t *work)
+/* Compacts the keys of [lo, hi) whose digit (key >> shift & digits) is `chosen` to the front of work + lo, in order,
+ * without a branch per key; returns how many there are. */
+static int64_t compact_digit(const uint32_t *keys, int64_t lo, int64_t hi, int shift, uint32_t digits,
+                             uint32_t chosen, uint32_t *work)
 {
-    mgup_segment_order_statistics(values, n, &n, 1, ranks, count, out, keys, work);
+    int64_t kept = 0;
+    for (int64_t i = lo; i < hi; i++) {
+        uint32_t key = keys[i];
+        work[lo + kept] = key;
+        kept += ((key >> shift) & digits) == chosen;
+    }
+    return kept;
+}
+
+/* Moves the keys each of `team` members compacted to the front of its range of [0, total) (kept[member] of them) to
+ * one run at the front of work; returns its length. */
+static int64_t join_candidates(uint32_t *work, const int64_t *kept, int64_t total, int64_t team)
+{
+    int64_t length = kept[0];
+    for (int64_t member = 1; member < team; member++) {
+        memmove(work + length, work + part_start(total, member, team), (size_t)kept[member] * sizeof(uint32_t));
+        length += kept[member];
+    }
+    return length;
+}
+
+/* The rank-th smallest of the `length` candidate keys at the front of work (all with the bits `prefix` above bit
+ * shift - 1), as a float; with keep, the candidates are left in place (radix_select orders a copy at work + total,
+ * total >= length). */
+static float select_candidate(uint32_t *work, int64_t length, int64_t total, int64_t rank, int shift, uint32_t prefix,
+                              int keep)
+{
+    uint32_t *candidates = keep ? memcpy(work + total, work, (size_t)length * sizeof(uint32_t)) : work;
+    return key_value(radix_select(candidates, length, rank, shift - 1, prefix));
+}
+
+/* out[j] = the ranks[j]-th smallest (0-based, each in [0, total)) of the finite values in `parts` segments taken
+ * as one sequence (segment t: values + t*stride, lengths[t] of them; total = their sum >= 1), left unchanged:
+ * the keys and the counts of their first digit are formed once for all ranks, and consecutive ranks whose keys
+ * share that digit share its candidates. keys holds total uint32, work 2*total. The passes over the keys split into
+ * up to `threads` ranges (order_split) on one OpenMP team; the result does not depend on how many. */
+void mgup_segment_order_statistics(const float *values, int64_t stride, const int64_t *lengths, int64_t parts,
+                                   const int64_t *ranks, int64_t count, float *out, uint32_t *keys, uint32_t *work,
+                                   int64_t threads)
+{
+    int64_t offsets[parts + 1], start = 0;
+    offsets[0] = 0;
+    for (int64_t t = 0; t < parts; t++)
+        offsets[t + 1] = offsets[t] + lengths[t];
+    while (lengths[start] == 0)
+        start++;
+    int64_t total = offsets[parts], split = order_split(total, threads), kept[MAX_SPLIT];
+    uint32_t first = order_key(values[start * stride]), differ = 0, digits = 0;
+    int64_t bins[MAX_SPLIT][2048], length = 0;
+    int shift = 0, top = -1;
+#pragma omp parallel num_threads(split) if (split > 1)
+    {
+        /* the team may be smaller than asked for: each member takes its share of the team's ranges */
+        int64_t member = omp_get_thread_num(), team = omp_get_num_threads();
+        uint32_t mine = 0;
+        for (int64_t t = 0; t < parts; t++) {
+            int64_t lo = part_start(lengths[t], member, team), hi = part_start(lengths[t], member + 1, team);
+            mine |= form_keys(values + t * stride + lo, hi - lo, first, keys + offsets[t] + lo);
+        }
+#pragma omp atomic
+        differ |= mine;
+#pragma omp barrier
+#pragma omp single
+        {
+            top = highest_bit(differ);
+            if (top >= 0)
+                shift = digit_at(top, &digits);
+        }
+        int64_t lo = part_start(total, member, team), hi = part_start(total, member + 1, team);
+        if (top >= 0) {
+            int64_t *own = bins[member];
+            memset(own, 0, ((size_t)digits + 1) * sizeof(int64_t));
+            for (int64_t i = lo; i < hi; i++)
+                own[(keys[i] >> shift) & digits]++;
+        }
+#pragma omp barrier
+#pragma omp single
+        for (int64_t other = 1; other < team && top >= 0; other++) /* bins[0] becomes the whole count */
+            for (uint32_t digit = 0; digit <= digits; digit++)
+                bins[0][digit] += bins[other][digit];
+        uint32_t previous = 0;
+        for (int64_t j = 0; j < count && top >= 0; j++) {
+            int64_t rank = ranks[j], next = j + 1 < count ? ranks[j + 1] : 0;
+            uint32_t chosen = choose_bin(bins[0], &rank);
+            if (j == 0 || chosen != previous) { /* this digit's candidates to the front of work */
+                kept[member] = compact_digit(keys, lo, hi, shift, digits, chosen, work);
+#pragma omp barrier
+#pragma omp single
+                length = join_candidates(work, kept, total, team);
+            }
+            previous = chosen;
+#pragma omp single
+            out[j] = select_candidate(work, length, total, rank, shift, above_bit(first, top) | chosen << shift,
+                                      j + 1 < count && choose_bin(bins[0], &next) == chosen);
+        }
+    }
+    if (top < 0) /* every value has one key */
+        for (int64_t j = 0; j < count; j++)
+            out[j] = key_value(above_bit(first, top));
+}
+
+/* mgup_segment_order_statistics of the contiguous values[0, n) (n >= 1), on up to `threads` threads. */
+void mgup_order_statistics(const float *values, int64_t n, const int64_t *ranks, int64_t count, float *out,
+                           uint32_t *keys, uint32_t *work, int64_t threads)
+{
+    mgup_segment_order_statistics(values, n, &n, 1, ranks, count, out, keys, work, threads);
 }
 
 /* The whole selection for a small tensor, in one call: mask = the exact top-k (1 <= k < n) of the scores, ties

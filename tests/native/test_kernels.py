@@ -86,7 +86,9 @@ def test_locate_ties(with_b: bool) -> None:
 
 @pytest.mark.parametrize("n", [1, 2, 1000, 77_777])
 @pytest.mark.parametrize("kind", ["normal", "ties", "extremes"])
-def test_order_statistics(n: int, kind: str) -> None:
+@pytest.mark.parametrize("threads", [1, 3, 4])
+def test_order_statistics(n: int, kind: str, threads: int) -> None:
+    """Exact on every thread split (77,777 keys split into 3 or 4 ranges, each compacted on its own thread)."""
     rng = np.random.default_rng(n)
     values = {
         "normal": rng.standard_normal(n),
@@ -96,7 +98,7 @@ def test_order_statistics(n: int, kind: str) -> None:
     before = values.copy()
     ranks = sorted({0, n // 3, n // 2, n - 1})
     expected = np.sort(values)[ranks]
-    assert kernels.order_statistics(values, ranks) == pytest.approx(list(expected), abs=0, rel=0)
+    assert kernels.order_statistics(values, ranks, threads) == pytest.approx(list(expected), abs=0, rel=0)
     assert np.array_equal(values, before)
 
 

@@ -65,6 +65,20 @@ def test_matches_oracle_on_three_threads(kind: str, monkeypatch: pytest.MonkeyPa
         assert_exact_both(direction, grad, k)
 
 
+@pytest.mark.parametrize("kind", ["products", "block"])
+def test_order_statistics_split_over_threads(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sample and band large enough that their order statistics split over 3 threads (over 16,384 keys each: a
+    denser sample of 2 million scores), the band in 3 range segments; the masks stay exact."""
+    for module in (threads, kernels):
+        monkeypatch.setattr(module, "workers", lambda: 3)
+    monkeypatch.setattr(select, "NATIVE_DENSITY", 2.0)
+    n = 2_000_003
+    assert kernels.sample_size(n, select._stride(n, 2.0) // 2, select._stride(n, 2.0)) > 3 * 8192
+    direction, grad = factors(kind, n, seed=5)
+    for k in (n // 2, n // 7):
+        assert_exact_both(direction, grad, k)
+
+
 def test_band_wider_than_the_first_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
     """A tiny first band buffer overflows; the range is collected again, whole, and the mask stays exact."""
     monkeypatch.setattr(kernels, "_BAND_SHARE", 10**9)
