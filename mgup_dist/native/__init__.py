@@ -57,7 +57,7 @@ SIGNATURES = {
     "mgup_masked_update": (None, [_ptr, _ptr, _ptr, _i64, _i64, _f32, _f32, _f32, _i64]),
     "mgup_adam_direction": (None, [_ptr, _ptr, _ptr, _ptr, _i64, _f32, _ptr, _i64]),
     "mgup_order_statistics": (None, [_ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _i64]),
-    "mgup_topk_small": (_i64, [_ptr, _ptr, _i64, _i64, _ptr, _ptr]),
+    "mgup_topk_small": (_i64, [_ptr, _ptr, _ptr, _ptr, _f32, _ptr, _i64, _i64, _ptr, _ptr]),
     "mgup_first_bracket": (None, [_ptr, _i64, _i64, _i64, _f64, _ptr, _ptr, _ptr, _i64]),
     "mgup_select_sampled": (_i64, [_ptr, _ptr, _ptr, _ptr, _f32, _ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _ptr, _i64,
                                    _i64, _f64, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64]),

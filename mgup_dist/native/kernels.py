@@ -261,12 +261,15 @@ def settle_band(counts: Counts, value: float, r: int, mask: np.ndarray, packed: 
     library().mgup_settle_band(_address(band), _address(where), len(band), value, r, _address(mask), packed)
 
 
-def topk_small(a: Array, b: Array | None, k: int, mask: Array) -> int:
+def topk_small(a: Array, b: Array | None, k: int, mask: Array, quotient: Quotient | None = None) -> int:
     """The whole exact top-k selection (``1 <= k < n``, ties to the lowest indices) into bool ``mask`` in one
     call, for tensors too small for sampling to pay; returns the number of non-finite scores (the mask is not
-    written when there are any)."""
+    written when there are any). With a ``quotient`` (and ``b``) the scores are ``u·b`` for the direction ``u`` the
+    call forms from ``a`` first, moments included (see `Quotient`), as a counting pass would."""
+    v, eps, u, moments = quotient if quotient is not None else (None, 0.0, None, None)
     work = _workspace("small", 2 * _length(a), np.float32)
-    return int(library().mgup_topk_small(_address(a), _address(b), _length(a), k, _address(mask), _address(work)))
+    return int(library().mgup_topk_small(_address(a), _address(b), _address(v), _address(moments), eps, _address(u),
+                                         _length(a), k, _address(mask), _address(work)))
 
 
 def order_statistics(values: np.ndarray, ranks: list[int], threads: int | None = None) -> list[float]:

@@ -375,13 +375,36 @@ void mgup_order_statistics(const float *values, int64_t n, const int64_t *ranks,
     mgup_segment_order_statistics(values, n, &n, 1, ranks, count, out, keys, work, threads);
 }
 
-/* The whole selection for a small tensor, in one call: mask = the exact top-k (1 <= k < n) of the scores, ties
- * to the lowest indices. work holds 2n floats. Returns the number of non-finite scores (mask unwritten then). */
-int64_t mgup_topk_small(const float *a, const float *b, int64_t n, int64_t k, uint8_t *mask, float *work)
+/* s[i] = adam_quotient(a[i], v[i], eps) * b[i], the quotient also written to u[i]; with coef not NULL, a and v are
+ * first updated in place from the gradient b (adam_moments): the scores of an unformed Adam direction. */
+static void quotient_scores(float *a, const float *b, float *v, const float *coef, float eps, float *u, int64_t n,
+                            float *s)
+{
+    for (int64_t i = 0; i < n; i++) {
+        float m = a[i], second = v[i];
+        if (coef != NULL) {
+            adam_moments(&m, &second, b[i], coef);
+            a[i] = m;
+            v[i] = second;
+        }
+        u[i] = adam_quotient(m, second, eps);
+        s[i] = u[i] * b[i];
+    }
+}
+
+/* The whole selection for a small tensor, in one call: mask = the exact top-k (1 <= k < n) of the scores (a, a*b,
+ * or with v the Adam direction's scores of quotient_scores, which forms the direction into u and with coef updates
+ * the moments a and v first), ties to the lowest indices. work holds 2n floats. Returns the number of non-finite
+ * scores (mask unwritten then; the direction formed). */
+int64_t mgup_topk_small(float *a, const float *b, float *v, const float *coef, float eps, float *u, int64_t n,
+                        int64_t k, uint8_t *mask, float *work)
 {
     float *s = work, *keys = work + n;
     int64_t bad = 0, above = 0;
-    block_scores(a, b, n, s);
+    if (v != NULL)
+        quotient_scores(a, b, v, coef, eps, u, n, s);
+    else
+        block_scores(a, b, n, s);
     for (int64_t i = 0; i < n; i++)
         bad += !(fabsf(s[i]) <= FLT_MAX);
     if (bad)

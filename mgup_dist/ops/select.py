@@ -217,8 +217,8 @@ def _native_mask(
 ) -> torch.Tensor | PackedMask:
     """`topk_mask` of the scores ``a`` (``a·b`` when ``b`` is given) through the native kernels, into the bool
     ``mask``. With a ``quotient`` (`AdamQuotient.fusable`), ``a`` is its first moment and the scores are ``u·b``
-    for the direction ``u`` that the first counting pass forms (small tensors form it first); afterwards
-    ``(u, b)`` are the factors. When ``packed``, the usual selection of a sampled tensor answers a `PackedMask`
+    for the direction ``u`` that the first counting pass forms (for tensors too small to sample, the one call of
+    `kernels.topk_small`; for k = 0 or n, `AdamQuotient.form` first); afterwards ``(u, b)`` are the factors. When ``packed``, the usual selection of a sampled tensor answers a `PackedMask`
     whose bits are the first bytes of ``mask``'s storage (an eighth of the mask's memory traffic).
 
     No min/max reduction: every counting pass also checks for NaN and infinity. Tensors too small to sample
@@ -227,7 +227,7 @@ def _native_mask(
     bracket, one counting pass that writes the mask ``s > upper`` and collects the band, the band's positions
     settled), and `_native_search` when that pass missed."""
     n = a.numel()
-    if quotient is not None and (n < SAMPLE_FROM or k in (0, n)):
+    if quotient is not None and k in (0, n):
         a, quotient = quotient.form(), None
     if n == 0:
         return mask
@@ -235,7 +235,10 @@ def _native_mask(
         require_finite(kernels.count_band(a, b, 0.0, 0.0, collect=False).nonfinite)
         return mask.fill_(k == n)
     if n < SAMPLE_FROM:
-        require_finite(kernels.topk_small(a, b, k, mask))
+        nonfinite = kernels.topk_small(a, b, k, mask, quotient and quotient.operands())
+        if quotient is not None:
+            quotient.formed = True
+        require_finite(nonfinite)
         return mask
     stride = _stride(n, NATIVE_DENSITY)
     outcome = kernels.select_sampled(a, b, quotient and quotient.operands(), k, mask, stride // 2, stride, MARGIN_SD,

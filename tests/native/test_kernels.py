@@ -201,6 +201,25 @@ def test_topk_small_is_the_stable_sort_prefix(with_b: bool, n: int) -> None:
     assert kernels.topk_small(a, b, 1, np.zeros(n, dtype=bool)) == 1
 
 
+@pytest.mark.parametrize("with_moments", [False, True])
+@pytest.mark.parametrize("n", [2, 768, 5003])
+def test_topk_small_forms_the_direction_it_scores(with_moments: bool, n: int) -> None:
+    """With a quotient, one call updates the moments (when given coefficients), forms the direction as
+    `adam_direction` does and selects on its scores: the same bits as the two calls in sequence."""
+    m, v, g = moment_inputs(n, seed=n)
+    coefficients = kernels.moment_coefficients(0.9, 0.999) if with_moments else None
+    fused_m, fused_v, u = m.copy(), v.copy(), np.full_like(m, np.nan)
+    plain_m, plain_v, direction = m.copy(), v.copy(), np.empty_like(m)
+    kernels.adam_direction(plain_m, plain_v, 1e-8, direction, g if with_moments else None, coefficients)
+    for k in sorted({1, n // 2, n - 1}):
+        mask, expected = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+        assert kernels.topk_small(direction, g, k, expected) == 0
+        step_m, step_v = fused_m.copy(), fused_v.copy()
+        assert kernels.topk_small(step_m, g, k, mask, kernels.Quotient(step_v, 1e-8, u, coefficients)) == 0
+        assert np.array_equal(u, direction) and np.array_equal(mask, expected)
+        assert np.array_equal(step_m, plain_m) and np.array_equal(step_v, plain_v)
+
+
 def test_settle_band_after_a_masked_count() -> None:
     a, b = data(200_000, seed=9, ties=True)
     s = a * b
