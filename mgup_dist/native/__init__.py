@@ -99,12 +99,15 @@ def _compiler() -> str:
     return found
 
 
-def build(target_dir: Path | None = None) -> Path:
+def build(target_dir: Path | None = None, source_dir: Path | None = None) -> Path:
     """Compile `SOURCES` (unless already built) and return the library's path. `NativeUnavailableError` when
-    the compiler is missing or fails (its output is in the message)."""
+    the compiler is missing or fails (its output is in the message). ``source_dir``: take the files of those names
+    from there instead (another checkout's kernels, e.g. for `benchmarks.native_ab`)."""
     compiler = _compiler()
     flags = (*FLAGS, *isa_flags())
-    texts = [path.read_bytes() for path in (*SOURCES, HEADER)]
+    sources = SOURCES if source_dir is None else tuple(Path(source_dir) / path.name for path in SOURCES)
+    header = HEADER if source_dir is None else Path(source_dir) / HEADER.name
+    texts = [path.read_bytes() for path in (*sources, header)]
     key = hashlib.sha256(b"\0".join([*texts, " ".join(flags).encode(), compiler.encode(), platform.machine().encode()]))
     directory = (target_dir or cache_dir()) / f"native-{key.hexdigest()[:16]}"
     library = directory / "libmgup_select.so"
@@ -115,10 +118,10 @@ def build(target_dir: Path | None = None) -> Path:
     os.close(handle)
     try:
         result = subprocess.run(
-            [compiler, *flags, "-o", temporary, *map(str, SOURCES), "-lm"], capture_output=True, text=True, check=False
+            [compiler, *flags, "-o", temporary, *map(str, sources), "-lm"], capture_output=True, text=True, check=False
         )
         if result.returncode != 0:
-            names = ", ".join(path.name for path in SOURCES)
+            names = ", ".join(path.name for path in sources)
             raise NativeUnavailableError(f"{compiler} failed to build {names}:\n{result.stderr.strip()}")
         os.replace(temporary, library)
     finally:
@@ -164,13 +167,18 @@ def library() -> ctypes.CDLL | None:
 
 
 @contextlib.contextmanager
-def pinned() -> Iterator[None]:
-    """Within the block, in this thread, `library` answers without reading ``MGUP_DIST_NATIVE``: the kernels
-    are looked up once for a whole optimizer step instead of once per kernel call."""
+def using(lib: ctypes.CDLL | None) -> Iterator[None]:
+    """Within the block, in this thread, `library` answers ``lib`` (None: the portable paths)."""
     if not hasattr(_pins, "stack"):
         _pins.stack = []
-    _pins.stack.append(library())
+    _pins.stack.append(lib)
     try:
         yield
     finally:
         _pins.stack.pop()
+
+
+def pinned() -> contextlib.AbstractContextManager[None]:
+    """Within the block, in this thread, `library` answers without reading ``MGUP_DIST_NATIVE``: the kernels
+    are looked up once for a whole optimizer step instead of once per kernel call."""
+    return using(library())
