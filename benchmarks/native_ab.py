@@ -15,6 +15,7 @@ checkout's Python side: their exported C signatures must be this checkout's (`mg
 from __future__ import annotations
 
 import argparse
+import ctypes
 import statistics
 import sys
 import tempfile
@@ -30,7 +31,7 @@ from mgup_dist.optim import build_optimizer
 NATIVE_DIR = Path("mgup_dist") / "native"
 
 
-def load_build(checkout: Path, target: Path) -> object:
+def load_build(checkout: Path, target: Path) -> ctypes.CDLL:
     """The library built from ``checkout``'s native sources into ``target``."""
     sources = checkout / NATIVE_DIR
     missing = [path.name for path in native.SOURCES if not (sources / path.name).is_file()]
@@ -39,7 +40,7 @@ def load_build(checkout: Path, target: Path) -> object:
     return native.load(native.build(target, source_dir=sources))
 
 
-def rounds_of(libraries: Sequence[object], rounds: int, warmup: int, small: bool) -> list[list[float]]:
+def rounds_of(libraries: Sequence[ctypes.CDLL], rounds: int, warmup: int, small: bool) -> list[list[float]]:
     """Seconds per step: row 0 our AdamW, row 1 + i MGUP-AdamW on ``libraries[i]``; each round steps them all
     once, starting one further along each round."""
     model = GPT2Parameters(SMOKE if small else GPT2_SMALL)

@@ -67,10 +67,12 @@ static inline int mask_get(const uint8_t *mask, int64_t packed, int64_t i)
     return packed ? mask[i >> 3] >> (i & 7) & 1 : mask[i];
 }
 
-/* Kernels of count_pass.c and select_kernels.c that sampled_select.c drives (documented there). */
+/* Kernels of count_pass.c, select_kernels.c and update_kernels.c that the other sources call (documented there). */
 void mgup_count_band(const float *a, const float *b, float *v, const float *coef, float eps, float *u, int64_t n,
                      float lower, float upper, float *band, int64_t *where, int64_t capacity, uint8_t *ties,
                      uint8_t *mask, int64_t packed, int64_t *out, int64_t parts);
+void mgup_adam_direction(float *m, float *v, const float *g, const float *coef, int64_t n, float eps, float *u,
+                         int64_t parts);
 int64_t mgup_mark_ties(const float *a, const float *b, int64_t n, float value, int64_t r, uint8_t *mask,
                        int64_t packed);
 int64_t mgup_mark_tie_bits(const uint8_t *ties, int64_t n, int64_t r, uint8_t *mask, int64_t packed);

@@ -3,8 +3,8 @@
 Arrays are 1-D C-contiguous numpy views of CPU tensors, or the tensors themselves (`usable` ones): scores ``a``
 (float32), with ``b`` (float32, same length) when the scores are the products ``a·b`` (see
 `mgup_dist.rules.requests.ScoreProduct`), masks bool, or where a function takes ``packed`` one bit per element
-(the first `packed_size` bytes of a uint8 or bool buffer: element ``i`` is bit ``i % 8`` of byte ``i // 8``). A pass may also form an Adam
-direction ``u = a/(sqrt(v) + eps)`` and take the scores ``u·b`` (a `Quotient`). Callers check dtypes and lengths;
+(the first `packed_size` bytes of a uint8 or bool buffer: element ``i`` is bit ``i % 8`` of byte ``i // 8``). A
+pass may also form an Adam direction ``u = a/(sqrt(v) + eps)`` and take the scores ``u·b`` (a `Quotient`). Callers check dtypes and lengths;
 these functions only require `mgup_dist.native.library()` to be loaded. Passes over whole tensors split into
 `mgup_dist.native.threads.parts` ranges that torch's OpenMP team runs; results never depend on the thread count.
 """
@@ -50,6 +50,9 @@ class Quotient(NamedTuple):
     eps: float
     u: Array
     moments: np.ndarray | None = None
+
+
+_NO_QUOTIENT = Quotient(None, 0.0, None)  # the fields a pass without a quotient passes on: NULL v, u and moments
 
 
 @lru_cache(maxsize=64)
@@ -140,7 +143,7 @@ def count_band(
     the mask is then exact everywhere but at those positions. With a ``quotient`` (and ``b``) the scores are
     ``u·b`` for the direction ``u`` the pass forms from ``a`` (see `Quotient`; its moments are updated once, also
     when a band wider than the buffer makes the pass run again)."""
-    v, eps, u, moments = quotient if quotient is not None else (None, 0.0, None, None)
+    v, eps, u, moments = quotient or _NO_QUOTIENT
     n, count = _length(a), parts(_length(a))
     capacity = _first_capacity(n, count) if collect else 0
     while True:
@@ -225,7 +228,7 @@ def select_sampled(a: Array, b: Array | None, quotient: Quotient | None, k: int,
     ...`` (``0 <= start < n``, ``stride >= 1``; with a ``quotient``, from directions formed there and not stored;
     `gathered_sample` returns it). Returns `SELECTED`, `NONFINITE`, or `MISSED` (the first bracket missed, or its
     band outgrew the buffers: the mask is unsettled, the quotient formed and its moments updated)."""
-    v, eps, u, moments = quotient if quotient is not None else (None, 0.0, None, None)
+    v, eps, u, moments = quotient or _NO_QUOTIENT
     n = _length(a)
     count, size = parts(n), sample_size(n, start, stride)
     capacity = _first_capacity(n, count)
@@ -266,7 +269,7 @@ def topk_small(a: Array, b: Array | None, k: int, mask: Array, quotient: Quotien
     call, for tensors too small for sampling to pay; returns the number of non-finite scores (the mask is not
     written when there are any). With a ``quotient`` (and ``b``) the scores are ``u·b`` for the direction ``u`` the
     call forms from ``a`` first, moments included (see `Quotient`), as a counting pass would."""
-    v, eps, u, moments = quotient if quotient is not None else (None, 0.0, None, None)
+    v, eps, u, moments = quotient or _NO_QUOTIENT
     work = _workspace("small", 2 * _length(a), np.float32)
     return int(library().mgup_topk_small(_address(a), _address(b), _address(v), _address(moments), eps, _address(u),
                                          _length(a), k, _address(mask), _address(work)))

@@ -186,6 +186,20 @@ static inline int digit_at(int top, uint32_t *digits)
     return top + 1 - width;
 }
 
+/* Compacts the keys of [lo, hi) whose digit (key >> shift & digits) is `chosen` to the front of work + lo, in order,
+ * without a branch per key (work may be keys itself); returns how many there are. */
+static int64_t compact_digit(const uint32_t *keys, int64_t lo, int64_t hi, int shift, uint32_t digits,
+                             uint32_t chosen, uint32_t *work)
+{
+    int64_t kept = 0;
+    for (int64_t i = lo; i < hi; i++) {
+        uint32_t key = keys[i];
+        work[lo + kept] = key;
+        kept += ((key >> shift) & digits) == chosen;
+    }
+    return kept;
+}
+
 /* The rank-th smallest (0-based, rank < n) of keys[0, n), all of which agree with prefix above bit `top` (top
  * -1: all equal to prefix), by radix select on digits of up to 11 bits from bit `top` down. keys is overwritten
  * (the candidates are compacted into it without a branch per key). */
@@ -200,13 +214,7 @@ static uint32_t radix_select(uint32_t *keys, int64_t n, int64_t rank, int top, u
             count[(keys[i] >> shift) & digits]++;
         uint32_t chosen = choose_bin(count, &rank);
         prefix |= chosen << shift;
-        int64_t kept = 0;
-        for (int64_t i = 0; i < n; i++) {
-            uint32_t key = keys[i];
-            keys[kept] = key;
-            kept += ((key >> shift) & digits) == chosen;
-        }
-        n = kept;
+        n = compact_digit(keys, 0, n, shift, digits, chosen, keys);
         top = shift - 1;
     }
     return prefix;
@@ -260,20 +268,6 @@ static int64_t order_split(int64_t total, int64_t threads)
     split = split < threads ? split : threads;
     split = split < MAX_SPLIT ? split : MAX_SPLIT;
     return split > 1 ? split : 1;
-}
-
-/* Compacts the keys of [lo, hi) whose digit (key >> shift & digits) is `chosen` to the front of work + lo, in order,
- * without a branch per key; returns how many there are. */
-static int64_t compact_digit(const uint32_t *keys, int64_t lo, int64_t hi, int shift, uint32_t digits,
-                             uint32_t chosen, uint32_t *work)
-{
-    int64_t kept = 0;
-    for (int64_t i = lo; i < hi; i++) {
-        uint32_t key = keys[i];
-        work[lo + kept] = key;
-        kept += ((key >> shift) & digits) == chosen;
-    }
-    return kept;
 }
 
 /* Moves the keys each of `team` members compacted to the front of its range of [0, total) (kept[member] of them) to
@@ -375,36 +369,18 @@ void mgup_order_statistics(const float *values, int64_t n, const int64_t *ranks,
     mgup_segment_order_statistics(values, n, &n, 1, ranks, count, out, keys, work, threads);
 }
 
-/* s[i] = adam_quotient(a[i], v[i], eps) * b[i], the quotient also written to u[i]; with coef not NULL, a and v are
- * first updated in place from the gradient b (adam_moments): the scores of an unformed Adam direction. */
-static void quotient_scores(float *a, const float *b, float *v, const float *coef, float eps, float *u, int64_t n,
-                            float *s)
-{
-    for (int64_t i = 0; i < n; i++) {
-        float m = a[i], second = v[i];
-        if (coef != NULL) {
-            adam_moments(&m, &second, b[i], coef);
-            a[i] = m;
-            v[i] = second;
-        }
-        u[i] = adam_quotient(m, second, eps);
-        s[i] = u[i] * b[i];
-    }
-}
-
 /* The whole selection for a small tensor, in one call: mask = the exact top-k (1 <= k < n) of the scores (a, a*b,
- * or with v the Adam direction's scores of quotient_scores, which forms the direction into u and with coef updates
- * the moments a and v first), ties to the lowest indices. work holds 2n floats. Returns the number of non-finite
- * scores (mask unwritten then; the direction formed). */
+ * or with v the scores u*b of the Adam direction u that mgup_adam_direction forms from a and v into u, with coef
+ * updating the moments a and v first), ties to the lowest indices. work holds 2n floats. Returns the number of
+ * non-finite scores (mask unwritten then; the direction formed). */
 int64_t mgup_topk_small(float *a, const float *b, float *v, const float *coef, float eps, float *u, int64_t n,
                         int64_t k, uint8_t *mask, float *work)
 {
     float *s = work, *keys = work + n;
     int64_t bad = 0, above = 0;
     if (v != NULL)
-        quotient_scores(a, b, v, coef, eps, u, n, s);
-    else
-        block_scores(a, b, n, s);
+        mgup_adam_direction(a, v, b, coef, n, eps, u, 1);
+    block_scores(v != NULL ? u : a, b, n, s);
     for (int64_t i = 0; i < n; i++)
         bad += !(fabsf(s[i]) <= FLT_MAX);
     if (bad)

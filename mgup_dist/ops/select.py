@@ -218,8 +218,9 @@ def _native_mask(
     """`topk_mask` of the scores ``a`` (``a·b`` when ``b`` is given) through the native kernels, into the bool
     ``mask``. With a ``quotient`` (`AdamQuotient.fusable`), ``a`` is its first moment and the scores are ``u·b``
     for the direction ``u`` that the first counting pass forms (for tensors too small to sample, the one call of
-    `kernels.topk_small`; for k = 0 or n, `AdamQuotient.form` first); afterwards ``(u, b)`` are the factors. When ``packed``, the usual selection of a sampled tensor answers a `PackedMask`
-    whose bits are the first bytes of ``mask``'s storage (an eighth of the mask's memory traffic).
+    `kernels.topk_small`; for k = 0 or n, `AdamQuotient.form` first); afterwards ``(u, b)`` are the factors. When
+    ``packed``, the usual selection of a sampled tensor answers a `PackedMask` whose bits are the first bytes of
+    ``mask``'s storage (an eighth of the mask's memory traffic).
 
     No min/max reduction: every counting pass also checks for NaN and infinity. Tensors too small to sample
     take one native call (`kernels.topk_small`); the others one call for the usual case

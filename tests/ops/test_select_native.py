@@ -142,7 +142,9 @@ def test_ties_at_the_kth_score_spread_over_ranges(threads_used: int, monkeypatch
 
 
 @pytest.mark.parametrize("threads_used", [1, 2, 3])
-def test_block_of_ties_at_the_kth_score_marked_from_its_bits(threads_used: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_block_of_ties_at_the_kth_score_marked_from_its_bits(
+    threads_used: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A k-th score inside a block of ties half the tensor wide (n not a multiple of 64): the bracket is the block
     itself, the counting pass records the ties' bits in the band buffer, and the first r of them join the mask,
     with the r-th in any range and at any bit of a word (bool and packed answers)."""
