@@ -187,13 +187,20 @@ def mark_ties(a: np.ndarray, b: np.ndarray | None, value: float, r: int, mask: n
         raise ValueError(f"fewer than {r} scores equal {value}")
 
 
-def masked_update(param: Array, direction: Array, mask: Array, high: float, low: float, alpha: float,
-                  packed: bool = False) -> None:
-    """``param += alpha·(direction·Φ)``, Φ = ``high`` where ``mask`` else ``low`` (all float32 except the
-    mask: bool, or packed bits), each product rounded to float32 and the update fused (see
-    ``mgup_masked_update``)."""
-    library().mgup_masked_update(_address(param), _address(direction), _address(mask), packed, _length(param), high,
-                                 low, alpha, parts(_length(param)))
+def scaled_update(param: Array, direction: Array, mask: Array | None, high: float, low: float, alpha: float,
+                  packed: bool = False, decay: float = 1.0) -> None:
+    """``param ← param·decay + alpha·(direction·Φ)``, Φ = ``high`` where ``mask`` else ``low`` (1 without a mask):
+    ``param`` float32, ``direction`` float32 or bfloat16 (a tensor; widened exactly), the mask bool or packed
+    bits; each product rounded to float32 and the update fused (see ``mgup_scaled_update``)."""
+    bf16 = isinstance(direction, torch.Tensor) and direction.dtype == torch.bfloat16
+    library().mgup_scaled_update(_address(param), _address(direction), bf16, _address(mask), packed, _length(param),
+                                 decay, high, low, alpha, parts(_length(param)))
+
+
+def momentum(buf: Array, grad: Array, mu: float, direction: Array | None = None) -> None:
+    """Sum-style momentum in place, ``buf ← buf·mu + grad`` (float32 arrays of one length), and with ``direction``
+    the Nesterov input ``direction ← grad + mu·buf`` in the same pass (see ``mgup_momentum``)."""
+    library().mgup_momentum(_address(buf), _address(grad), _address(direction), _length(buf), mu, parts(_length(buf)))
 
 
 def adam_direction(m: Array, v: Array, eps: float, u: Array, grad: Array | None = None,

@@ -103,14 +103,14 @@ def masked_step(
 
     Bit for bit ``param.add_(direction.mul_(sign_factors(...)), alpha=-step_size)`` (on CPUs with FMA, which
     torch's ``add_`` uses there). Float32 CPU tensors go through one native loop
-    (`mgup_dist.native.kernels.masked_update`); otherwise, on CPU, block by block with Φ in a block-sized
+    (`mgup_dist.native.kernels.scaled_update`); otherwise, on CPU, block by block with Φ in a block-sized
     buffer, so Φ never goes to memory and the product is read back from cache.
     """
     values = _factors(high, low, direction.dtype)
     packed = isinstance(selected, PackedMask)
     mask = selected.storage if packed else selected
     if param.dtype == direction.dtype == torch.float32 and kernels.usable(param, direction, mask):
-        kernels.masked_update(param, direction, mask, values.high, values.low, -step_size, packed=packed)
+        kernels.scaled_update(param, direction, mask, values.high, values.low, -step_size, packed=packed)
         return
     if packed:
         selected = selected.unpack()

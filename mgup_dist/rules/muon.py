@@ -10,6 +10,7 @@ from typing import Any, Generator, Mapping
 
 import torch
 
+from mgup_dist.native import kernels
 from mgup_dist.rules.adam import decay
 from mgup_dist.rules.driver import Rule
 from mgup_dist.rules.masks import in_dtype, masked_step, mgup_selection
@@ -26,22 +27,53 @@ def moonlight_scale(rows: int, cols: int) -> float:
 def _orthogonalize(
     slot: Slot, matrix: torch.Tensor, hp: Mapping[str, Any]
 ) -> Generator[Request, Any, torch.Tensor]:
+    """This rank's piece of NS5 of the matrix, in the NS dtype (`_apply` widens it to the parameter's)."""
     rows, cols = slot.segment.matrix_shape
-    update = yield Orthogonalize(slot.segment, matrix, rows, cols, hp["ns_steps"], hp["ns_dtype"])
-    return update.to(slot.param.dtype)
+    return (yield Orthogonalize(slot.segment, matrix, rows, cols, hp["ns_steps"], hp["ns_dtype"]))
+
+
+_APPLY_DTYPES = (torch.float32, torch.bfloat16, torch.bool, torch.uint8)
 
 
 def _apply(slot: Slot, update: torch.Tensor, hp: Mapping[str, Any], factors: tuple[float, float] | None = None,
            selected: torch.Tensor | PackedMask | None = None) -> None:
-    """Decay, then ``θ ← θ − lr·scale·update``, with ``update ⊙ Φ`` when ``selected`` is given (Φ = the
-    ``factors`` (high, low) where ``selected``, in ``update``'s dtype)."""
+    """Decay, then ``θ ← θ − lr·scale·update`` with ``update`` (NS dtype) cast to the parameter's dtype, and
+    ``update ⊙ Φ`` when ``selected`` is given (Φ = the ``factors`` (high, low) where ``selected``, in the
+    parameter's dtype).
+
+    Float32 CPU parameters take one native pass (`kernels.scaled_update`: decay, widening, Φ and the step fused),
+    bit for bit the torch sequence below it.
+    """
     rows, cols = slot.segment.matrix_shape
     step_size = hp["lr"] * moonlight_scale(rows, cols)
-    decay(slot.param, hp["lr"], hp["weight_decay"])
+    param, packed = slot.param, isinstance(selected, PackedMask)
+    mask = selected.storage if packed else selected
+    if param.dtype == torch.float32 and kernels.usable(param, update, mask, dtypes=_APPLY_DTYPES):
+        high, low = in_dtype(factors, torch.float32) if selected is not None else (1.0, 1.0)
+        weight_decay = hp["weight_decay"]
+        kernels.scaled_update(param, update, mask, high, low, -step_size, packed=packed,
+                              decay=1 - hp["lr"] * weight_decay if weight_decay != 0 else 1.0)
+        return
+    decay(param, hp["lr"], hp["weight_decay"])
+    update = update.to(param.dtype)
     if selected is None:
-        slot.param.add_(update, alpha=-step_size)
+        param.add_(update, alpha=-step_size)
     else:
-        masked_step(slot.param, update, selected, *factors, step_size)
+        masked_step(param, update, selected, *factors, step_size)
+
+
+def _momentum(slot: Slot, hp: Mapping[str, Any]) -> torch.Tensor:
+    """Sum-style momentum ``M ← μM + G`` in place; returns the Nesterov input ``G + μM`` (in the slot's
+    ``"direction"`` scratch) or ``M`` itself. Float32 CPU tensors take one native pass (`kernels.momentum`), bit
+    for bit the torch operations below it."""
+    momentum, grad = hp["momentum"], slot.grad
+    buf = slot.buffer("momentum_buffer")
+    if buf.dtype == grad.dtype == torch.float32 and kernels.usable(buf, grad):
+        direction = slot.scratch("direction") if hp["nesterov"] else None
+        kernels.momentum(buf, grad, momentum, direction)
+        return buf if direction is None else direction
+    buf.mul_(momentum).add_(grad)
+    return grad.add(buf, alpha=momentum) if hp["nesterov"] else buf
 
 
 def muon(slot: Slot, hp: Mapping[str, Any], masked: bool = False) -> Rule:
@@ -49,11 +81,8 @@ def muon(slot: Slot, hp: Mapping[str, Any], masked: bool = False) -> Rule:
 
     MGUP-Muon scores the Nesterov input against the raw gradient before orthogonalisation and masks after.
     """
-    momentum, grad = hp["momentum"], slot.grad
-    buf = slot.buffer("momentum_buffer")
-    buf.mul_(momentum).add_(grad)
-    direction = grad.add(buf, alpha=momentum) if hp["nesterov"] else buf
-    selected = (yield from mgup_selection(direction, grad, slot.segment, hp, slot.scratch)) if masked else None
+    direction = _momentum(slot, hp)
+    selected = (yield from mgup_selection(direction, slot.grad, slot.segment, hp, slot.scratch)) if masked else None
     update = yield from _orthogonalize(slot, direction, hp)
     # Φ is MGUP_MASK's, in the direction's dtype (then the update's, as a cast of Φ would give)
     factors = in_dtype((hp["alpha"], hp["gamma"]), direction.dtype) if masked else None

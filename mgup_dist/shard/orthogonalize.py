@@ -42,7 +42,7 @@ from typing import Sequence
 
 import torch
 
-from mgup_dist.rules.newton_schulz import NS_COEFFICIENTS, NS_EPS, newton_schulz
+from mgup_dist.rules.newton_schulz import NS_COEFFICIENTS, NS_EPS, newton_schulz, symmetric_product
 from mgup_dist.rules.requests import Orthogonalize
 from mgup_dist.shard.collectives import Collectives
 from mgup_dist.shard.layout import ShardLayout, tiling_problem
@@ -384,11 +384,16 @@ def gram_newton_schulz(
     xs = [x / (norm.to(x.dtype) + NS_EPS) for x, norm in zip(xs, norms)]
     for iteration in range(max(steps, default=0)):
         active = [k for k, n in enumerate(steps) if n > iteration]
-        partial = [xs[k].float() @ xs[k].float().T for k in active]
+        partial = [_gram(xs[k].float()) for k in active]
         summed = comm.all_reduce(torch.cat([g.reshape(-1) for g in partial]))
         for k, gram in zip(active, summed.split([g.numel() for g in partial])):
             small = xs[k].shape[0]
             gram = gram.view(small, small).to(xs[k].dtype)
-            poly = b * gram + c * (gram @ gram)
+            poly = b * gram + c * (gram @ gram)  # the summed Gram's mirror entries may differ in their last bits
             xs[k] = a * xs[k] + poly @ xs[k]
     return [x.T if is_tall else x for x, is_tall in zip(xs, tall)]
+
+
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """``x @ x.T`` of a 2-D block (`symmetric_product`)."""
+    return symmetric_product(x, x, x.new_empty(x.shape[0], x.shape[0]))

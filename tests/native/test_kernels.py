@@ -102,15 +102,50 @@ def test_order_statistics(n: int, kind: str, threads: int) -> None:
     assert np.array_equal(values, before)
 
 
-def test_masked_update_is_torchs_where_mul_add() -> None:
+def test_scaled_update_is_torchs_where_mul_add() -> None:
     gen = torch.Generator().manual_seed(4)
     n = 123_457
     param, direction = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
     mask = torch.rand(n, generator=gen) < 0.5
     expected = param.clone().add_(direction * torch.where(mask, 1.75, 0.125), alpha=-3e-4)
-    kernels.masked_update(param.numpy(), direction.numpy(), mask.numpy(), 1.75, 0.125, -3e-4)
+    kernels.scaled_update(param.numpy(), direction.numpy(), mask.numpy(), 1.75, 0.125, -3e-4)
     assert torch.equal(param, expected)
 
+
+
+@pytest.mark.parametrize("n", [5, 64, 123_457])
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "packed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scaled_update_with_decay_is_torchs_decay_cast_and_step(n: int, mask_kind: str, dtype: torch.dtype) -> None:
+    """Decay, widening a bfloat16 direction, Φ and the step in one pass: bit for bit ``param.mul_(decay)``, the cast
+    to float32, then ``param.add_(direction * where(mask, high, low), alpha)`` (``param.add_(direction, alpha)``
+    without a mask), the vector body and the scalar tail alike."""
+    gen = torch.Generator().manual_seed(n)
+    param, direction = torch.randn(n, generator=gen), torch.randn(n, generator=gen).to(dtype)
+    mask = torch.rand(n, generator=gen) < 0.5
+    decay = 1 - 2e-3 * 0.1
+    wide = direction.float()
+    step = wide * torch.where(mask, 1.75, 0.125) if mask_kind != "none" else wide
+    expected = param.clone().mul_(decay).add_(step, alpha=-3e-4)
+    given = {"none": None, "bool": mask.numpy(), "packed": bits_of(mask.numpy())}[mask_kind]
+    kernels.scaled_update(param, direction, given, 1.75, 0.125, -3e-4, packed=mask_kind == "packed", decay=decay)
+    assert torch.equal(param, expected)
+
+
+@pytest.mark.parametrize("n", [5, 100_003])
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_momentum_is_torchs_mul_add_and_nesterov_add(n: int, nesterov: bool) -> None:
+    """``buf.mul_(mu).add_(grad)`` and ``grad.add(buf, alpha=mu)``, bit for bit, over three steps."""
+    gen = torch.Generator().manual_seed(n)
+    buf, expected = torch.zeros(n), torch.zeros(n)
+    for _ in range(3):
+        grad = torch.randn(n, generator=gen)
+        expected.mul_(0.95).add_(grad)
+        direction = torch.full((n,), float("nan")) if nesterov else None
+        kernels.momentum(buf, grad, 0.95, direction)
+        assert torch.equal(buf, expected)
+        if nesterov:
+            assert torch.equal(direction, grad.add(expected, alpha=0.95))
 
 def bits_of(mask: np.ndarray) -> np.ndarray:
     """A bool mask packed as the kernels pack it: element i is bit i % 8 of byte i // 8."""
@@ -123,13 +158,13 @@ def unpack(bits: np.ndarray, n: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("n", [5, 64, 123_457])
-def test_masked_update_with_packed_bits_is_the_bool_update(n: int) -> None:
+def test_scaled_update_with_packed_bits_is_the_bool_update(n: int) -> None:
     gen = torch.Generator().manual_seed(n)
     param, direction = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
     mask = (torch.rand(n, generator=gen) < 0.5).numpy()
     expected = param.clone()
-    kernels.masked_update(expected.numpy(), direction.numpy(), mask, 1.75, 0.125, -3e-4)
-    kernels.masked_update(param.numpy(), direction.numpy(), bits_of(mask), 1.75, 0.125, -3e-4, packed=True)
+    kernels.scaled_update(expected.numpy(), direction.numpy(), mask, 1.75, 0.125, -3e-4)
+    kernels.scaled_update(param.numpy(), direction.numpy(), bits_of(mask), 1.75, 0.125, -3e-4, packed=True)
     assert torch.equal(param, expected)
 
 
@@ -391,7 +426,7 @@ def test_counting_pass_without_avx2_is_the_same(tmp_path, monkeypatch: pytest.Mo
         bits = np.zeros(kernels.packed_size(len(m)), dtype=np.uint8)
         counts = kernels.count_band(m, g, -0.3, 0.4, True, bits, packed=True)
         param = g.copy()
-        kernels.masked_update(param, m, bits, 1.5, 0.25, -1e-3, packed=True)
+        kernels.scaled_update(param, m, bits, 1.5, 0.25, -1e-3, packed=True)
         results += [np.array(counts[:3]), counts.band, counts.where, unpack(bits, len(m)), param]
         coefficients = kernels.moment_coefficients(0.9, 0.999)
         first, second, u = m.copy(), v.copy(), np.full_like(m, np.nan)

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from mgup_dist.rules.newton_schulz import NS_COEFFICIENTS, NS_EPS, newton_schulz
+import mgup_dist.rules.newton_schulz as newton_schulz_module
+from mgup_dist.rules.newton_schulz import NS_COEFFICIENTS, NS_EPS, newton_schulz, panel_count, symmetric_product
 from tests.reference import newton_schulz5, ns_polynomial
 
 
@@ -114,3 +115,32 @@ def test_moonlight_scaled_update_rms() -> None:
     for dtype in (torch.float32, torch.bfloat16):
         rms = (scale * newton_schulz(g, 5, dtype).double()).square().mean().sqrt().item()
         assert 0.136 <= rms <= 0.228, (dtype, rms)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows, cols", [(384, 100), (520, 700), (1600, 64)])
+def test_symmetric_product_equals_the_full_product_bitwise(dtype, rows: int, cols: int) -> None:
+    """Panels (4 for each shape here) multiply the upper block-triangle only; every entry, mirrored
+    ones included, is bitwise the full product's, for ``X @ X.T`` and for ``A @ A`` of the symmetric result."""
+    x = torch.randn(rows, cols).to(dtype)
+    assert panel_count(rows, x.device) > 1
+    gram = symmetric_product(x, x, torch.empty(rows, rows, dtype=dtype))
+    assert torch.equal(gram, x @ x.T) and torch.equal(gram, gram.T)
+    square = symmetric_product(gram, gram, torch.empty(rows, rows, dtype=dtype))
+    assert torch.equal(square, gram @ gram)
+
+
+def test_panel_count_keeps_small_and_non_cpu_products_whole() -> None:
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    assert [panel_count(r, cpu) for r in (1, 383, 384, 1535, 1536, 3072, 10_000)] == [1, 1, 4, 4, 4, 8, 8]
+    assert panel_count(4096, meta) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_paneled_iteration_equals_the_unpaneled_one_bitwise(dtype, monkeypatch) -> None:
+    """A 450×900 matrix (4 panels) gives the same bits as with panels switched off."""
+    g = torch.randn(900, 450)
+    paneled = newton_schulz(g, 5, dtype)
+    monkeypatch.setattr(newton_schulz_module, "PANEL_MIN_ROWS", 10**9)
+    assert panel_count(450, g.device) == 1
+    assert torch.equal(paneled, newton_schulz(g, 5, dtype))
