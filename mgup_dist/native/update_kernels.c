@@ -1,4 +1,5 @@
-/* Native CPU kernels for the elementwise parts of the Adam-family updates (float32, contiguous).
+/* Native CPU kernels for the elementwise parts of the updates: the Adam moments and direction, the Muon momentum, and
+ * the (masked, decayed) scaled step (float32, contiguous; a step's direction may be bfloat16).
  *
  * Built together with select_kernels.c (see mgup_dist/native/__init__.py) and called through
  * mgup_dist/native/kernels.py. Each result is bit for bit what the torch operations the rules would otherwise
