@@ -15,10 +15,15 @@ from mgup_dist.rules.masks import alignment, dynamic_alpha, masked_step, mgup_se
 from mgup_dist.rules.slot import Slot
 
 
+def decay_factor(lr: float, weight_decay: float) -> float:
+    """The decoupled weight decay's factor ``1 − η·λ`` (unscaled lr); exactly 1 when λ = 0."""
+    return 1 - lr * weight_decay if weight_decay != 0 else 1.0
+
+
 def decay(param: torch.Tensor, lr: float, weight_decay: float) -> None:
     """Decoupled weight decay ``θ ← θ·(1 − η·λ)`` with the unscaled lr; skipped when λ = 0."""
     if weight_decay != 0:
-        param.mul_(1 - lr * weight_decay)
+        param.mul_(decay_factor(lr, weight_decay))
 
 
 def flavour_a_step_size(lr: float, beta1: float, beta2: float, step: int, correct_bias: bool) -> float:

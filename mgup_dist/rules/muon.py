@@ -11,7 +11,7 @@ from typing import Any, Generator, Mapping
 import torch
 
 from mgup_dist.native import kernels
-from mgup_dist.rules.adam import decay
+from mgup_dist.rules.adam import decay, decay_factor
 from mgup_dist.rules.driver import Rule
 from mgup_dist.rules.masks import in_dtype, masked_step, mgup_selection
 from mgup_dist.rules.requests import Orthogonalize, PackedMask, Request
@@ -50,9 +50,8 @@ def _apply(slot: Slot, update: torch.Tensor, hp: Mapping[str, Any], factors: tup
     mask = selected.storage if packed else selected
     if param.dtype == torch.float32 and kernels.usable(param, update, mask, dtypes=_APPLY_DTYPES):
         high, low = in_dtype(factors, torch.float32) if selected is not None else (1.0, 1.0)
-        weight_decay = hp["weight_decay"]
         kernels.scaled_update(param, update, mask, high, low, -step_size, packed=packed,
-                              decay=1 - hp["lr"] * weight_decay if weight_decay != 0 else 1.0)
+                              decay=decay_factor(hp["lr"], hp["weight_decay"]))
         return
     decay(param, hp["lr"], hp["weight_decay"])
     update = update.to(param.dtype)
