@@ -8,19 +8,18 @@
 The only change from a plain DeepSpeed script is ``mgup_dist.deepspeed.initialize`` in place of
 ``deepspeed.initialize``. Rank 0 prints the loss of every step; at the end every rank prints a checksum of the
 model's parameters (identical on all ranks when the run is consistent); the ranks then leave the process group
-together and exit without interpreter teardown (see `_exit_without_teardown`).
+together and exit without interpreter teardown (see `mgup_dist.process_exit`).
 """
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import mgup_dist.deepspeed
+from mgup_dist.process_exit import exit_without_teardown
 
 VOCAB, WIDTH, HEADS, TIME = 64, 32, 4, 16
 
@@ -87,21 +86,7 @@ def main() -> None:
     engine.destroy()
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
-    _exit_without_teardown()
-
-
-def _exit_without_teardown() -> None:
-    """Ends the process with status 0 without Python's interpreter teardown.
-
-    DeepSpeed and the optimizer keep references to the gloo process groups, so their worker threads outlive
-    ``destroy_process_group``. A worker that drops the last reference to a finished collective's tensor needs the
-    GIL to free it; once teardown has begun, CPython ends such a thread with ``pthread_exit`` inside a C++
-    destructor, which aborts the process ("terminate called without an active exception", pytorch/pytorch#38228).
-    Seen here after the last barrier in ~1 run in 10 under load; everything this script writes is flushed first.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_without_teardown()  # gloo's threads can abort Python's teardown: see mgup_dist.process_exit
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import tempfile
 from pathlib import Path
 from typing import NoReturn, Optional, Sequence
@@ -31,6 +30,7 @@ from launch.dist_env import configure_threads, detect, init_process_group, shutd
 from launch.errors import LaunchError, exit_status
 from launch.metrics import write_json
 from launch.trainer import RunPlan, Trainer
+from mgup_dist.process_exit import exit_without_teardown
 
 _MUST_MATCH_ON_RESUME = ("model", "optimizer")
 AUTO = "auto"
@@ -190,4 +190,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_teardown(main())  # gloo's threads can abort Python's teardown: see mgup_dist.process_exit
