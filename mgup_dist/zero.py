@@ -131,7 +131,9 @@ class ZeroEngine:
         self.master_dtype = master_dtype
         self._grads: list[torch.Tensor | None] = [None] * len(self.params)
         self._reduced = False
-        ops = ShardedOps(self.comm, DistributedOrthogonalizer(self.comm, gather_max_numel, layout=self.layout))
+        ops = ShardedOps(
+            self.comm, DistributedOrthogonalizer(self.comm, gather_max_numel, layout=self.layout), self.layout
+        )
         optimizer.distributor = ShardedDistributor(ops, self._shards)
 
     def _check_params(self, model: nn.Module) -> None:

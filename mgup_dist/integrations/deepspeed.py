@@ -164,7 +164,7 @@ def attach(wrapper: Any, optimizer: RuleOptimizer, options: Settings = Settings(
     comm = Collectives(_one_group(list(getattr(wrapper, groups_attribute))))
     partitions = build(wrapper)
     layout = check_cover(partitions, comm)
-    ops = ShardedOps(comm, DistributedOrthogonalizer(comm, options.gather_max_numel, layout))
+    ops = ShardedOps(comm, DistributedOrthogonalizer(comm, options.gather_max_numel, layout), layout)
     optimizer.distributor = FlatPartitionDistributor(ops, partitions, layout, finite_norm_check(wrapper))
 
 

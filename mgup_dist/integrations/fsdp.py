@@ -166,6 +166,11 @@ class RoutedOps:
     def orthogonalize(self, requests: Sequence[Orthogonalize]) -> list[torch.Tensor]:
         return self._route("orthogonalize", requests)
 
+    def settle(self) -> None:
+        self.local.settle()
+        if self.sharded is not None:
+            self.sharded.settle()
+
 
 class FSDPDistributor:
     """Distributor for optimizers over FSDP2 DTensor parameters (and plain tensors mixed in).

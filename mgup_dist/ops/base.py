@@ -25,3 +25,9 @@ class TensorOps(Protocol):
 
     def orthogonalize(self, requests: Sequence[Orthogonalize]) -> list[torch.Tensor]:
         ...
+
+    def settle(self) -> None:
+        """Raises for anything the round's answers left pending (e.g. `NonFiniteScoresError` for non-finite mask
+        scores seen on some rank), on every rank alike; the driver calls it after each round, before any rule
+        sees an answer."""
+        ...

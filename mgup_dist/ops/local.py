@@ -37,3 +37,6 @@ class LocalOps:
             matrix = r.local.view(r.rows, r.cols)
             out.append(newton_schulz(matrix, r.steps, r.dtype).view(-1))
         return out
+
+    def settle(self) -> None:
+        """Nothing is ever pending: `topk_masks` raises at once."""

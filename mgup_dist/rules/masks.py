@@ -121,19 +121,27 @@ def masked_step(
         block.add_(update.mul_(factors), alpha=-step_size)
 
 
+def mgup_request(
+    direction: torch.Tensor, grad: torch.Tensor, segment: Segment, hp: Mapping[str, Any],
+    scratch: Callable[[str, torch.dtype], torch.Tensor] | None = None,
+) -> TopKMask:
+    """MGUP's selection as a request: True on the exact top-k (``k = mask_k(mask_ratio, numel)``) of the float32
+    scores ``direction ⊙ grad`` over the whole tensor, answered by a bool tensor or a `PackedMask`
+    (`masked_step` takes either). The scores go out as a `ScoreProduct`, formed (if the ops need them at all)
+    in ``scratch``'s ``"scores"``; the selection may be written into its ``"mask"``. ``scratch`` is a
+    `Slot.scratch`; without it both are fresh tensors."""
+    k = mask_k(hp["mask_ratio"], segment.numel)
+    scores = ScoreProduct(direction, grad, buffer=scratch("scores", torch.float32) if scratch else None)
+    out = scratch("mask", torch.bool) if scratch else None
+    return TopKMask(segment, scores, k, out=out, packed=True)
+
+
 def mgup_selection(
     direction: torch.Tensor, grad: torch.Tensor, segment: Segment, hp: Mapping[str, Any],
     scratch: Callable[[str, torch.dtype], torch.Tensor] | None = None,
 ) -> Generator[Request, Any, torch.Tensor]:
-    """MGUP's selection: True on the exact top-k (``k = mask_k(mask_ratio, numel)``) of the float32 scores
-    ``direction ⊙ grad`` over the whole tensor, as a bool tensor or a `PackedMask` (`masked_step` takes
-    either). The scores go out as a `ScoreProduct`, formed (if the ops need them at all) in ``scratch``'s
-    ``"scores"``; the selection may be written into its ``"mask"``. ``scratch`` is a `Slot.scratch`; without
-    it both are fresh tensors."""
-    k = mask_k(hp["mask_ratio"], segment.numel)
-    scores = ScoreProduct(direction, grad, buffer=scratch("scores", torch.float32) if scratch else None)
-    out = scratch("mask", torch.bool) if scratch else None
-    return (yield TopKMask(segment, scores, k, out=out, packed=True))
+    """Asks `mgup_request` and returns its answer."""
+    return (yield mgup_request(direction, grad, segment, hp, scratch))
 
 
 def in_dtype(values: tuple[float, ...], dtype: torch.dtype) -> tuple[float, ...]:

@@ -13,7 +13,7 @@ import torch
 from mgup_dist.native import kernels
 from mgup_dist.rules.adam import decay, decay_factor
 from mgup_dist.rules.driver import Rule
-from mgup_dist.rules.masks import in_dtype, masked_step, mgup_selection
+from mgup_dist.rules.masks import in_dtype, masked_step, mgup_request
 from mgup_dist.rules.requests import Orthogonalize, PackedMask, Request
 from mgup_dist.rules.slot import Slot
 from mgup_dist.rules.tensor_norm import clip_to_unit_norm
@@ -24,12 +24,17 @@ def moonlight_scale(rows: int, cols: int) -> float:
     return 0.2 * math.sqrt(max(rows, cols))
 
 
+def _ns_request(slot: Slot, matrix: torch.Tensor, hp: Mapping[str, Any]) -> Orthogonalize:
+    """NS5 of the matrix: answered by this rank's piece, in the NS dtype (`_apply` widens it to the parameter's)."""
+    rows, cols = slot.segment.matrix_shape
+    return Orthogonalize(slot.segment, matrix, rows, cols, hp["ns_steps"], hp["ns_dtype"])
+
+
 def _orthogonalize(
     slot: Slot, matrix: torch.Tensor, hp: Mapping[str, Any]
 ) -> Generator[Request, Any, torch.Tensor]:
-    """This rank's piece of NS5 of the matrix, in the NS dtype (`_apply` widens it to the parameter's)."""
-    rows, cols = slot.segment.matrix_shape
-    return (yield Orthogonalize(slot.segment, matrix, rows, cols, hp["ns_steps"], hp["ns_dtype"]))
+    """Asks `_ns_request` and returns its answer."""
+    return (yield _ns_request(slot, matrix, hp))
 
 
 _APPLY_DTYPES = (torch.float32, torch.bfloat16, torch.bool, torch.uint8)
@@ -78,11 +83,16 @@ def _momentum(slot: Slot, hp: Mapping[str, Any]) -> torch.Tensor:
 def muon(slot: Slot, hp: Mapping[str, Any], masked: bool = False) -> Rule:
     """Moonlight Muon: ``M ← μM + G``, Nesterov input ``G + μM``, NS5, scaled step; MGUP mask when ``masked``.
 
-    MGUP-Muon scores the Nesterov input against the raw gradient before orthogonalisation and masks after.
+    MGUP-Muon scores the Nesterov input against the raw gradient before orthogonalisation and masks after. It
+    asks for the mask and for Newton–Schulz together (one round), so a sharded engine's mask verdict can settle
+    while Newton–Schulz runs.
     """
     direction = _momentum(slot, hp)
-    selected = (yield from mgup_selection(direction, slot.grad, slot.segment, hp, slot.scratch)) if masked else None
-    update = yield from _orthogonalize(slot, direction, hp)
+    if masked:
+        selection = mgup_request(direction, slot.grad, slot.segment, hp, slot.scratch)
+        selected, update = yield (selection, _ns_request(slot, direction, hp))
+    else:
+        selected, update = None, (yield from _orthogonalize(slot, direction, hp))
     # Φ is MGUP_MASK's, in the direction's dtype (then the update's, as a cast of Φ would give)
     factors = in_dtype((hp["alpha"], hp["gamma"]), direction.dtype) if masked else None
     _apply(slot, update, hp, factors, selected)

@@ -28,6 +28,22 @@ class CommStats:
     bytes: int = 0
 
 
+@dataclass
+class PendingReduction:
+    """An all-reduce in flight (`Collectives.start_all_reduce`): ``work`` is None when there was nothing to wait
+    for (a group of one)."""
+
+    tensor: torch.Tensor
+    work: dist.Work | None
+
+    def wait(self) -> torch.Tensor:
+        """Blocks until the reduction is done; returns the reduced tensor."""
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        return self.tensor
+
+
 class Collectives:
     """Thin wrapper over a process group (default: the world) that counts what it sends."""
 
@@ -54,6 +70,13 @@ class Collectives:
         if self.world_size > 1:
             dist.all_reduce(tensor, op=op, group=self.group)
         return tensor
+
+    def start_all_reduce(self, tensor: torch.Tensor) -> "PendingReduction":
+        """Starts an in-place sum all-reduce of ``tensor`` without waiting for it; the result is ``tensor`` once
+        the returned handle's `PendingReduction.wait` returns (``tensor`` must not be touched before)."""
+        self._count("all_reduce", tensor.numel() * tensor.element_size())
+        work = dist.all_reduce(tensor, group=self.group, async_op=True) if self.world_size > 1 else None
+        return PendingReduction(tensor, work)
 
     def all_to_all(
         self, input: torch.Tensor, input_splits: Sequence[int], output_splits: Sequence[int]

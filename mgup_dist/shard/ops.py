@@ -12,25 +12,45 @@ import torch
 
 from mgup_dist.rules.requests import Orthogonalize, PackedMask, Request, TensorSum, TopKMask
 from mgup_dist.shard.collectives import Collectives
-from mgup_dist.shard.select import topk_masks
+from mgup_dist.shard.layout import ShardLayout
+from mgup_dist.shard.segment import Segment
+from mgup_dist.shard.select import NonFiniteVerdict, raise_nonfinite, topk_masks, whole_topk_masks
 
 Orthogonalizer = Callable[[Sequence[Orthogonalize]], list[torch.Tensor]]
 
 _SUM_DTYPES = (torch.float64, torch.int64)
 
 
+def held_whole(layout: ShardLayout) -> frozenset[int]:
+    """Indices of the tensors of ``layout`` that one rank holds whole."""
+    return frozenset(
+        index for index in range(len(layout.shapes))
+        if any(layout.segment(rank, index).is_whole for rank in range(layout.world_size))
+    )
+
+
 class ShardedOps:
     """Collective `TensorOps` over ``comm``.
 
     - `tensor_sums`: one all-reduce per dtype (float64, then int64) for the whole batch;
-    - `topk_masks`: exact distributed radix select (`mgup_dist.shard.select`);
+    - `topk_masks`: exact distributed radix select (`mgup_dist.shard.select`). With the engine's ``layout``
+      (global knowledge, the same on every rank), a round whose tensors are each held whole by one rank is
+      answered locally (`whole_topk_masks`) and its non-finite flags' all-reduce is left in flight until
+      `settle`, so it overlaps whatever the round resolves next (Newton–Schulz);
     - `orthogonalize`: delegated to ``orthogonalizer`` (e.g. `DistributedOrthogonalizer`); without one, the
-      Muon family's matrix path raises.
+      Muon family's matrix path raises;
+    - `settle`: raises `NonFiniteScoresError` on every rank if a pending verdict names a tensor. The driver calls
+      it after every round, before any rule sees an answer.
     """
 
-    def __init__(self, comm: Collectives, orthogonalizer: Orthogonalizer | None = None) -> None:
+    def __init__(
+        self, comm: Collectives, orthogonalizer: Orthogonalizer | None = None, layout: ShardLayout | None = None
+    ) -> None:
         self.comm = comm
         self.orthogonalizer = orthogonalizer
+        self.layout = layout
+        self._held_whole = held_whole(layout) if layout is not None else frozenset()
+        self._verdicts: list[NonFiniteVerdict] = []
 
     def tensor_sums(self, requests: Sequence[TensorSum]) -> list[torch.Tensor]:
         """Global sums: each request's 0-d ``value`` summed over ranks, identical on every rank."""
@@ -51,7 +71,24 @@ class ShardedOps:
         return answers  # type: ignore[return-value]
 
     def topk_masks(self, requests: Sequence[TopKMask]) -> list[torch.Tensor | PackedMask]:
+        if requests and all(self._known_whole(r.segment) for r in requests):
+            answers, verdict = whole_topk_masks(self.comm, requests)
+            self._verdicts.append(verdict)
+            return answers  # type: ignore[return-value]  # None only where the verdict will raise
         return topk_masks(self.comm, requests)
+
+    def _known_whole(self, segment: Segment) -> bool:
+        """Whether the layout shows one rank holding ``segment``'s tensor whole (False without a layout)."""
+        layout = self.layout
+        return (
+            segment.index in self._held_whole and layout is not None and layout.shapes[segment.index] == segment.shape
+        )
+
+    def settle(self) -> None:
+        """Waits for the pending non-finite verdicts of `topk_masks`; `NonFiniteScoresError` on every rank if any
+        names a tensor. Collective only in that it waits for all-reduces every rank started."""
+        verdicts, self._verdicts = self._verdicts, []
+        raise_nonfinite([index for verdict in verdicts for index in verdict.settle()])
 
     def orthogonalize(self, requests: Sequence[Orthogonalize]) -> list[torch.Tensor]:
         if self.orthogonalizer is None:
@@ -94,3 +131,7 @@ class RoutedOps:
 
     def orthogonalize(self, requests: Sequence[Orthogonalize]) -> list[torch.Tensor]:
         return self._resolve(requests, "orthogonalize")
+
+    def settle(self) -> None:
+        for ops in self.ops:
+            ops.settle()

@@ -36,6 +36,11 @@ round of ``R`` requests, at most 4 all-reduces (the first of ``2·R + 256·(requ
 counts, the others of ``256·(split requests still open)``; int32 counts, int64 once a tensor has 2**31
 elements) and at most one all-gather of ``2·(requests whose threshold ties straddle the cut)`` int64 values.
 
+`whole_topk_masks` answers a round whose tensors are each held whole by one rank, as the caller's layout shows
+(every rank knows it, so no "held whole" flags are needed): all answers are local, and the only collective, the
+non-finite flags' all-reduce, is started and returned as a pending `NonFiniteVerdict` for the caller to settle
+before any answer is used (`ShardedOps.settle`, which the rule driver calls after each round).
+
 Local work for split tensors on CPU runs on zero-copy numpy views of the formed scores (torch 2.13's CPU
 integer, comparison and masking kernels are several times slower): key, top-byte histogram, one compaction,
 then passes over the few candidates left, and one comparison pass for the mask (into the request's ``out``).
@@ -44,6 +49,7 @@ A rank forms no scores for a tensor of which it holds nothing.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from typing import Sequence, Union
 
 import numpy as np
@@ -51,7 +57,7 @@ import torch
 
 from mgup_dist.ops.select import locate_ties, request_mask
 from mgup_dist.rules.requests import NonFiniteScoresError, PackedMask, ScoreProduct, TopKMask
-from mgup_dist.shard.collectives import Collectives
+from mgup_dist.shard.collectives import Collectives, PendingReduction
 
 Values = Union[np.ndarray, torch.Tensor]  # numpy view of a CPU tensor, or the (device) tensor itself
 
@@ -320,6 +326,14 @@ def _local_flag(request: TopKMask, selection: _Selection | None, histogram: torc
     return _nonfinite(request.score_tensor())
 
 
+def raise_nonfinite(indices: Sequence[int]) -> None:
+    """`NonFiniteScoresError` naming tensors ``indices``, unless there are none."""
+    if indices:
+        raise NonFiniteScoresError(
+            f"MGUP mask scores of tensors {list(indices)} contain NaN or infinity (non-finite gradient?)"
+        )
+
+
 def _first_pass(
     comm: Collectives,
     requests: Sequence[TopKMask],
@@ -345,9 +359,7 @@ def _first_pass(
             rows[row] = local[i]
     reduced = comm.all_reduce(sent)
     header = reduced[: len(flags)].view(-1, 2).tolist()
-    bad = [r.segment.index for r, (flag, _) in zip(requests, header) if flag]
-    if bad:
-        raise NonFiniteScoresError(f"MGUP mask scores of tensors {bad} contain NaN or infinity (non-finite gradient?)")
+    raise_nonfinite([r.segment.index for r, (flag, _) in zip(requests, header) if flag])
     rows = reduced[len(flags) :].view(len(selecting), _BINS)
     split = [(i, row) for i, row in zip(selecting, rows) if not header[i][1]]
     for i, _ in split:
@@ -392,3 +404,34 @@ def topk_masks(comm: Collectives, requests: Sequence[TopKMask]) -> list[torch.Te
     quotas = _tie_quotas(comm, [s for s in tied if s.request.segment.block is None])
     quotas.update(_block_quotas(comm, [s for s in tied if s.request.segment.block is not None]))
     return [answers[i] if i in answers else _answer(r, selections.get(i), quotas) for i, r in enumerate(requests)]
+
+
+@dataclass
+class NonFiniteVerdict:
+    """Whether any rank saw NaN or infinity in the scores of tensors ``indices``: one flag per tensor, summed over
+    the ranks by an all-reduce that may still be in flight."""
+
+    flags: PendingReduction
+    indices: list[int]
+
+    def settle(self) -> list[int]:
+        """Waits for the flags; returns the indices of the tensors whose scores are not finite (the same list
+        on every rank)."""
+        return [index for index, flag in zip(self.indices, self.flags.wait().tolist()) if flag]
+
+
+def whole_topk_masks(
+    comm: Collectives, requests: Sequence[TopKMask]
+) -> tuple[list[torch.Tensor | PackedMask | None], NonFiniteVerdict]:
+    """`topk_masks` for a round in which some rank holds each requested tensor whole, as the caller knows from
+    its layout (every rank must make the same call): this rank's segments are whole or empty, so every answer
+    is local (`request_mask`, or an empty mask) and the only collective is the non-finite flags' all-reduce,
+    which is started and not waited for. The answers may be used only after the returned verdict has settled
+    with no tensor named; the answer for a tensor whose local scores are not finite is None."""
+    _check(requests)
+    for r in requests:
+        if not (r.segment.is_whole or r.segment.length == 0):
+            raise ValueError(f"tensor {r.segment.index} is split here ({r.segment}); it needs topk_masks")
+    answers = [_whole_mask(r) if r.segment.is_whole else _answer(r, None, {}) for r in requests]
+    flags = torch.tensor([answer is None for answer in answers], dtype=torch.int32, device=_device(requests[0]))
+    return answers, NonFiniteVerdict(comm.start_all_reduce(flags), [r.segment.index for r in requests])

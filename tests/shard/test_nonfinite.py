@@ -1,7 +1,10 @@
 """Non-finite gradient guard at W=2 under `ZeroEngine` (flat layout, `ShardedDistributor`): a NaN injected
 into rank 1's gradient lands, after reduction, in one rank's segment only; both ranks still skip the step
 (parameters, master segments and state unchanged, counter incremented on both), and training then matches a
-run that never saw the bad step. Under ``"raise"`` both ranks raise; the rank holding the segment names it."""
+run that never saw the bad step. Under ``"raise"`` both ranks raise; the rank holding the segment names it.
+Finite gradients whose MGUP-Muon mask scores overflow raise `NonFiniteScoresError` on both ranks, on the
+layer-wise layout (every matrix held whole: the verdict settles after Newton–Schulz) as on the flat one, and
+the ranks' collectives stay in step."""
 from __future__ import annotations
 
 import pytest
@@ -9,18 +12,19 @@ import torch
 
 from mgup_dist.optim import build_optimizer
 from mgup_dist.optim.nonfinite import NonFiniteGradientError
+from mgup_dist.rules.requests import NonFiniteScoresError
 from mgup_dist.zero import ZeroEngine
 from tests.distributed import run_distributed
 
 NAMES = ("adamw", "mgup_adamw", "muon")
 
 
-def _engine(name: str) -> tuple[torch.nn.Module, ZeroEngine]:
+def _engine(name: str, layout: str = "flat") -> tuple[torch.nn.Module, ZeroEngine]:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3))
     optimizer = build_optimizer(name, model.parameters(), weight_decay=0.1)
     optimizer.name_parameters(model)
-    return model, ZeroEngine(model, optimizer, stage=2, layout="flat")
+    return model, ZeroEngine(model, optimizer, stage=2, layout=layout)
 
 
 def _step(model: torch.nn.Module, engine: ZeroEngine, rank: int, seed: int, poison: int | None = None) -> None:
@@ -91,3 +95,27 @@ def test_raise_on_every_rank(results: list[dict]) -> None:
     holder, other = results[0]["raise"], results[1]["raise"]  # tensor 0's first element lies on rank 0
     assert holder is not None and "'0.weight'" in holder
     assert other is not None and "on another rank" in other
+
+
+def _overflow_worker(rank: int, world_size: int) -> dict:
+    out = {}
+    for layout in ("layerwise", "flat"):
+        model, engine = _engine("mgup_muon", layout)
+        _step(model, engine, rank, 0)
+        for p in model.parameters():  # finite, but the momentum-times-gradient scores overflow float32
+            p.grad = torch.full(p.shape, 1e30)
+        try:
+            engine.step()
+            out[layout] = None
+        except NonFiniteScoresError as error:
+            out[layout] = str(error)
+        out[layout, "in step"] = int(engine.comm.all_reduce(torch.tensor([rank + 1])))
+    return out
+
+
+def test_overflowing_mask_scores_raise_on_every_rank_with_either_layout() -> None:
+    results = run_distributed(2, _overflow_worker)
+    for layout in ("layerwise", "flat"):
+        messages = {result[layout] for result in results}
+        assert len(messages) == 1 and "MGUP mask scores of tensors [0, 2] contain NaN or infinity" in messages.pop()
+        assert all(result[layout, "in step"] == 3 for result in results)

@@ -1,14 +1,22 @@
 """`ShardedOps`: batching of tensor sums, delegation of top-k and orthogonalisation (single process, with a
-stand-in for `Collectives`; the multi-rank behaviour is exercised in test_invariance and test_select)."""
+stand-in for `Collectives`), and top-k rounds over tensors the layout shows held whole (gloo, W=2 and 3: answered
+locally, the non-finite verdict pending until `settle`). The split-tensor selection is exercised in test_select,
+whole optimizers in test_invariance."""
 from __future__ import annotations
+
+import functools
+import math
 
 import pytest
 import torch
 
 from mgup_dist.ops.select import topk_mask
-from mgup_dist.rules.requests import Orthogonalize, TensorSum, TopKMask
-from mgup_dist.shard.ops import ShardedOps
+from mgup_dist.rules.requests import NonFiniteScoresError, Orthogonalize, TensorSum, TopKMask
+from mgup_dist.shard.collectives import Collectives
+from mgup_dist.shard.layout import ShardLayout, balanced_whole_tensor_layout, flat_layout, whole_tensor_layout
+from mgup_dist.shard.ops import ShardedOps, held_whole
 from mgup_dist.shard.segment import Segment
+from tests.distributed import run_distributed
 
 
 class ReplicatedComm:
@@ -70,3 +78,90 @@ def test_orthogonalize_needs_an_orthogonalizer() -> None:
     answer = [torch.ones(4)]
     ops = ShardedOps(ReplicatedComm(2), orthogonalizer=lambda requests: seen.append(requests) or answer)
     assert ops.orthogonalize([request]) is answer and seen == [[request]]
+
+
+def test_held_whole_names_the_tensors_one_rank_holds_entirely() -> None:
+    shapes = ((2, 3), (4,), (5,))
+    assert held_whole(flat_layout(shapes, 2, [7])) == {0, 2}  # the cut splits (4,)
+    assert held_whole(flat_layout(shapes, 2, [6])) == {0, 1, 2}
+    assert held_whole(whole_tensor_layout(shapes, 3, [2, 0, 2])) == {0, 1, 2}
+    columns = ShardLayout(((2, 3),), (((0, 2),), ((0, 4),)), (((0, 1),), ((1, 3),)))  # a column split
+    assert held_whole(columns) == set()
+    every_column = ShardLayout(((2, 3),), (((0, 6),), ((0, 0),)), (((0, 3),), ((0, 3),)))
+    assert held_whole(every_column) == {0}
+
+
+SHAPES = ((6, 5), (40,), (3,), (7,))
+KS = (15, 0, 3, 2)  # k = 0 and k = numel among them
+
+
+def _scores() -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    scores = [torch.randn(math.prod(shape), generator=gen) for shape in SHAPES]
+    scores[0][:10] = 0.0  # ties at the cut
+    return scores
+
+
+def _requests(layout: ShardLayout, rank: int, poison: int | None = None) -> list[TopKMask]:
+    requests = []
+    for index, (full, k) in enumerate(zip(_scores(), KS)):
+        segment = layout.segment(rank, index)
+        local = full[segment.lo : segment.hi].clone()
+        if index == poison and local.numel():
+            local[-1] = float("nan")
+        requests.append(TopKMask(segment, local, k))
+    return requests
+
+
+def _settled(ops: ShardedOps) -> str | None:
+    try:
+        ops.settle()
+    except NonFiniteScoresError as err:
+        return str(err)
+    return None
+
+
+def _whole_rounds(rank: int, world_size: int) -> dict:
+    comm = Collectives()
+    layout = balanced_whole_tensor_layout(SHAPES, world_size)
+    ops = ShardedOps(comm, layout=layout)
+    comm.reset_stats()
+    masks = ops.topk_masks(_requests(layout, rank))
+    stats = {kind: (s.calls, s.bytes) for kind, s in comm.stats.items()}
+    clean = _settled(ops)
+    ops.topk_masks(_requests(layout, rank, poison=0))  # answered without raising
+    poisoned = _settled(ops)
+    after = ops.topk_masks(_requests(layout, rank))
+    after_settled = _settled(ops)
+    split = flat_layout(SHAPES, world_size, [15] + [30 + i for i in range(world_size - 2)])  # (6, 5) is split
+    split_ops = ShardedOps(comm, layout=split)
+    try:
+        split_ops.topk_masks(_requests(split, rank, poison=0))
+        split_raised = None
+    except NonFiniteScoresError as err:  # the collective selection raises at once
+        split_raised = str(err)
+    return {"masks": masks, "stats": stats, "clean": clean, "poisoned": poisoned, "after": after,
+            "after_settled": after_settled, "split_raised": split_raised, "split_pending": _settled(split_ops),
+            "bounds": [layout.segment(rank, i) for i in range(len(SHAPES))]}
+
+
+@functools.lru_cache(maxsize=None)
+def _whole_results(world_size: int) -> tuple[dict, ...]:
+    return tuple(run_distributed(world_size, _whole_rounds))
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_rounds_of_tensors_held_whole_answer_locally_and_settle_their_verdict_later(world_size: int) -> None:
+    results = _whole_results(world_size)
+    for index, (full, k) in enumerate(zip(_scores(), KS)):
+        expected = topk_mask(full, k)
+        for result in results:
+            segment = result["bounds"][index]
+            assert torch.equal(result["masks"][index], expected[segment.lo : segment.hi])
+            assert torch.equal(result["after"][index], expected[segment.lo : segment.hi])
+    for result in results:
+        # one all-reduce: an int32 non-finite flag per request, nothing else
+        assert result["stats"] == {"all_reduce": (1, 4 * len(SHAPES))}
+        assert result["clean"] is None and result["after_settled"] is None
+        assert result["poisoned"] == "MGUP mask scores of tensors [0] contain NaN or infinity (non-finite gradient?)"
+        assert result["split_raised"] == result["poisoned"] and result["split_pending"] is None
