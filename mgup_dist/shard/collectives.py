@@ -66,16 +66,15 @@ class Collectives:
 
     def all_reduce(self, tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
         """In-place all-reduce of ``tensor``; returns it."""
-        self._count("all_reduce", tensor.numel() * tensor.element_size())
-        if self.world_size > 1:
-            dist.all_reduce(tensor, op=op, group=self.group)
-        return tensor
+        return self.start_all_reduce(tensor, op).wait()
 
-    def start_all_reduce(self, tensor: torch.Tensor) -> "PendingReduction":
-        """Starts an in-place sum all-reduce of ``tensor`` without waiting for it; the result is ``tensor`` once
-        the returned handle's `PendingReduction.wait` returns (``tensor`` must not be touched before)."""
+    def start_all_reduce(
+        self, tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM
+    ) -> PendingReduction:
+        """Starts an in-place all-reduce of ``tensor`` without waiting for it; the result is ``tensor`` once the
+        returned handle's `PendingReduction.wait` returns (``tensor`` must not be touched before)."""
         self._count("all_reduce", tensor.numel() * tensor.element_size())
-        work = dist.all_reduce(tensor, group=self.group, async_op=True) if self.world_size > 1 else None
+        work = dist.all_reduce(tensor, op=op, group=self.group, async_op=True) if self.world_size > 1 else None
         return PendingReduction(tensor, work)
 
     def all_to_all(

@@ -21,12 +21,12 @@ Orthogonalizer = Callable[[Sequence[Orthogonalize]], list[torch.Tensor]]
 _SUM_DTYPES = (torch.float64, torch.int64)
 
 
-def held_whole(layout: ShardLayout) -> frozenset[int]:
-    """Indices of the tensors of ``layout`` that one rank holds whole."""
-    return frozenset(
-        index for index in range(len(layout.shapes))
+def held_whole(layout: ShardLayout) -> dict[int, tuple[int, ...]]:
+    """The logical shape of each tensor of ``layout`` that one rank holds whole, by tensor index."""
+    return {
+        index: shape for index, shape in enumerate(layout.shapes)
         if any(layout.segment(rank, index).is_whole for rank in range(layout.world_size))
-    )
+    }
 
 
 class ShardedOps:
@@ -48,8 +48,7 @@ class ShardedOps:
     ) -> None:
         self.comm = comm
         self.orthogonalizer = orthogonalizer
-        self.layout = layout
-        self._held_whole = held_whole(layout) if layout is not None else frozenset()
+        self._held_whole = held_whole(layout) if layout is not None else {}
         self._verdicts: list[NonFiniteVerdict] = []
 
     def tensor_sums(self, requests: Sequence[TensorSum]) -> list[torch.Tensor]:
@@ -79,10 +78,7 @@ class ShardedOps:
 
     def _known_whole(self, segment: Segment) -> bool:
         """Whether the layout shows one rank holding ``segment``'s tensor whole (False without a layout)."""
-        layout = self.layout
-        return (
-            segment.index in self._held_whole and layout is not None and layout.shapes[segment.index] == segment.shape
-        )
+        return self._held_whole.get(segment.index) == segment.shape
 
     def settle(self) -> None:
         """Waits for the pending non-finite verdicts of `topk_masks`; `NonFiniteScoresError` on every rank if any

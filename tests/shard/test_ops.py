@@ -80,15 +80,15 @@ def test_orthogonalize_needs_an_orthogonalizer() -> None:
     assert ops.orthogonalize([request]) is answer and seen == [[request]]
 
 
-def test_held_whole_names_the_tensors_one_rank_holds_entirely() -> None:
+def test_held_whole_gives_the_shape_of_each_tensor_one_rank_holds_entirely() -> None:
     shapes = ((2, 3), (4,), (5,))
-    assert held_whole(flat_layout(shapes, 2, [7])) == {0, 2}  # the cut splits (4,)
-    assert held_whole(flat_layout(shapes, 2, [6])) == {0, 1, 2}
-    assert held_whole(whole_tensor_layout(shapes, 3, [2, 0, 2])) == {0, 1, 2}
+    assert held_whole(flat_layout(shapes, 2, [7])) == {0: (2, 3), 2: (5,)}  # the cut splits (4,)
+    assert held_whole(flat_layout(shapes, 2, [6])) == dict(enumerate(shapes))
+    assert held_whole(whole_tensor_layout(shapes, 3, [2, 0, 2])) == dict(enumerate(shapes))
     columns = ShardLayout(((2, 3),), (((0, 2),), ((0, 4),)), (((0, 1),), ((1, 3),)))  # a column split
-    assert held_whole(columns) == set()
+    assert held_whole(columns) == {}
     every_column = ShardLayout(((2, 3),), (((0, 6),), ((0, 0),)), (((0, 3),), ((0, 3),)))
-    assert held_whole(every_column) == {0}
+    assert held_whole(every_column) == {0: (2, 3)}
 
 
 SHAPES = ((6, 5), (40,), (3,), (7,))
